@@ -1,0 +1,160 @@
+//! The wiring, in one place: receivers → classify → run tracker → storage,
+//! with the API reading through the query layer. Start-up binds every port
+//! first (so tests can use port 0), and shutdown goes in stages: receivers
+//! and API stop accepting and finish in-flight requests, then the tracker
+//! drains its queue and commits, each stage with a deadline.
+
+use crate::api::{self, ApiState, Queries};
+use crate::classify::Classifier;
+use crate::config::{Config, StorageKind};
+use crate::metrics::SelfMetrics;
+use crate::receivers::{grpc::GrpcReceiver, http::HttpReceiver, Intake};
+use crate::runs::tracker::{Tracker, TrackerHandle};
+use crate::storage::{sqlite::SqliteStore, StorageError, Store};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// A started bizsignal: its bound addresses and the handles to stop it.
+pub struct RunningApp {
+    pub otlp_grpc: SocketAddr,
+    pub otlp_http: SocketAddr,
+    pub http: SocketAddr,
+    pub tracker: TrackerHandle,
+    pub metrics: Arc<SelfMetrics>,
+    stop: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    tracker_shutdown: Arc<AtomicBool>,
+    tracker_thread: std::thread::JoinHandle<()>,
+    shutdown_timeout: Duration,
+}
+
+pub async fn start(config: Config) -> Result<RunningApp, AppError> {
+    let metrics = Arc::new(SelfMetrics::default());
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| StorageError::Unavailable(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
+    let store: Arc<dyn Store> = match config.storage.kind {
+        StorageKind::Sqlite => {
+            let path = config.sqlite_path();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .map_err(|e| StorageError::Unavailable(e.to_string()))??;
+            Arc::new(store)
+        }
+    };
+    let classifier = Arc::new(Classifier::new(config.limits.clone(), &config.rules).map_err(AppError::Config)?);
+
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| AppError::Bind { what, addr, source })
+    };
+    let grpc_l = bind("OTLP/gRPC", config.server.otlp_grpc).await?;
+    let http_l = bind("OTLP/HTTP", config.server.otlp_http).await?;
+    let api_l = bind("API", config.server.http).await?;
+    let (otlp_grpc, otlp_http, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap(), api_l.local_addr().unwrap());
+
+    let tracker_shutdown = Arc::new(AtomicBool::new(false));
+    let (st, exp, pipe, m, sd) = (store.clone(), config.processes.clone(), config.pipeline.clone(), metrics.clone(), tracker_shutdown.clone());
+    let (tracker, tracker_thread) =
+        tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, sd)).await.map_err(|e| StorageError::Unavailable(e.to_string()))??;
+
+    let intake = Intake { classifier, tracker: tracker.clone(), metrics: metrics.clone() };
+    let (stop, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut servers = Vec::new();
+
+    let grpc = GrpcReceiver::new(intake.clone(), config.pipeline.retry_after).router(config.limits.max_decompressed_bytes);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
+    let rx = stop_rx.clone();
+    servers.push(tokio::spawn(async move {
+        let server = tonic::transport::Server::builder().add_routes(grpc).serve_with_incoming_shutdown(incoming, stopped(rx));
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "OTLP/gRPC server failed");
+        }
+    }));
+
+    let otlp_router = HttpReceiver {
+        intake: intake.clone(),
+        max_request_bytes: config.limits.max_request_bytes,
+        max_decompressed_bytes: config.limits.max_decompressed_bytes,
+        retry_after: config.pipeline.retry_after,
+    }
+    .router();
+    let rx = stop_rx.clone();
+    servers.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_l, otlp_router).with_graceful_shutdown(stopped(rx)).await {
+            tracing::error!(error = %e, "OTLP/HTTP server failed");
+        }
+    }));
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let api_router = api::router(ApiState {
+        queries: Queries { store },
+        metrics: metrics.clone(),
+        ready,
+        trace_url_template: config.ui.trace_url_template.clone(),
+        configured_processes: config.processes.keys().cloned().collect(),
+    });
+    let rx = stop_rx.clone();
+    servers.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(api_l, api_router).with_graceful_shutdown(stopped(rx)).await {
+            tracing::error!(error = %e, "API server failed");
+        }
+    }));
+
+    tracing::info!(%otlp_grpc, %otlp_http, %http, data_dir = %config.data_dir.display(), "bizsignal started");
+    Ok(RunningApp {
+        otlp_grpc,
+        otlp_http,
+        http,
+        tracker,
+        metrics,
+        stop,
+        servers,
+        tracker_shutdown,
+        tracker_thread,
+        shutdown_timeout: config.pipeline.shutdown_timeout,
+    })
+}
+
+impl RunningApp {
+    /// Stops in stages; returns false when a stage missed its deadline.
+    pub async fn shutdown(self) -> bool {
+        let mut clean = true;
+        tracing::info!("shutting down: closing receivers");
+        let _ = self.stop.send(true);
+        for s in self.servers {
+            let abort = s.abort_handle();
+            if tokio::time::timeout(self.shutdown_timeout, s).await.is_err() {
+                tracing::warn!("a server did not finish in-flight requests before the deadline");
+                abort.abort();
+                clean = false;
+            }
+        }
+        tracing::info!("shutting down: draining the run tracker");
+        self.tracker_shutdown.store(true, Ordering::Release);
+        drop(self.tracker);
+        let join = tokio::task::spawn_blocking(move || self.tracker_thread.join());
+        if tokio::time::timeout(self.shutdown_timeout, join).await.is_err() {
+            tracing::warn!("the run tracker did not drain before the deadline");
+            clean = false;
+        }
+        tracing::info!(clean, "bizsignal stopped");
+        clean
+    }
+}

@@ -1,0 +1,511 @@
+//! Configuration: one YAML file, every key optional, `${env:NAME}` references
+//! expanded the way the OpenTelemetry Collector does. Loading validates
+//! everything (rules, expectations, addresses) so `check-config` and `serve`
+//! fail the same way, naming the file, the key path and the reason.
+
+use crate::classify::rules::RuleConfig;
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {reason}")]
+    Read { file: String, reason: String },
+    #[error("{file}: {path}: {reason}")]
+    Invalid { file: String, path: String, reason: String },
+}
+
+impl ConfigError {
+    fn at(file: &str, path: impl Into<String>, reason: impl Into<String>) -> Self {
+        let path = path.into();
+        ConfigError::Invalid {
+            file: file.to_string(),
+            path: if path.is_empty() { "(top level)".into() } else { path },
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    pub pipeline: PipelineConfig,
+    pub storage: StorageConfig,
+    /// Expectations per process name.
+    pub processes: BTreeMap<String, ProcessExpectations>,
+    /// Mapping rules that classify telemetry without `business.*` attributes.
+    pub rules: Vec<RuleConfig>,
+    pub ui: UiConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            data_dir: PathBuf::from("./data"),
+            limits: Limits::default(),
+            pipeline: PipelineConfig::default(),
+            storage: StorageConfig::default(),
+            processes: BTreeMap::new(),
+            rules: Vec::new(),
+            ui: UiConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// OTLP/gRPC listen address.
+    pub otlp_grpc: SocketAddr,
+    /// OTLP/HTTP listen address.
+    pub otlp_http: SocketAddr,
+    /// REST API, web page and `/metrics`.
+    pub http: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            otlp_grpc: "0.0.0.0:4317".parse().unwrap(),
+            otlp_http: "0.0.0.0:4318".parse().unwrap(),
+            http: "0.0.0.0:8080".parse().unwrap(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted on the wire (compressed size).
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_request_bytes: usize,
+    /// Largest request body after decompression (gRPC message or HTTP body).
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_decompressed_bytes: usize,
+    /// Largest `business.payload` JSON text.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_payload_bytes: usize,
+    /// Attribute values longer than this are truncated in stored events.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_attribute_value_bytes: usize,
+    /// Records with more attributes than this are rejected.
+    pub max_attributes_per_record: usize,
+    /// Longest process name, run id, milestone or outcome name.
+    pub max_name_length: usize,
+    /// Largest absolute value accepted for counts, progress and values.
+    pub max_number: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 16 << 20,
+            max_decompressed_bytes: 64 << 20,
+            max_payload_bytes: 64 << 10,
+            max_attribute_value_bytes: 4 << 10,
+            max_attributes_per_record: 1024,
+            max_name_length: 256,
+            max_number: 1e15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Classified batches waiting for the run tracker; when full, receivers
+    /// answer with retryable statuses.
+    pub queue_capacity: usize,
+    /// Batches the tracker commits together (group commit).
+    pub max_batches_per_commit: usize,
+    /// The `Retry-After` / RetryInfo delay suggested to clients.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_after: Duration,
+    /// How often stalls, durations and deadlines are checked.
+    #[serde(deserialize_with = "de_duration")]
+    pub tick: Duration,
+    /// How long receivers wait for the tracker to commit before answering
+    /// with a retryable error.
+    #[serde(deserialize_with = "de_duration")]
+    pub ack_timeout: Duration,
+    /// Drain deadline per stage on shutdown.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            queue_capacity: 256,
+            max_batches_per_commit: 64,
+            retry_after: Duration::from_secs(1),
+            tick: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `sqlite` (embedded default).
+    pub kind: StorageKind,
+    pub sqlite: SqliteConfig,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { kind: StorageKind::Sqlite, sqlite: SqliteConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqliteConfig {
+    /// Database file; default `<data_dir>/bizsignal.db`.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// Link template for traces, `{trace_id}` is replaced,
+    /// e.g. `http://localhost:16686/trace/{trace_id}` for Jaeger.
+    pub trace_url_template: Option<String>,
+}
+
+/// What a process is expected to do; breaches become violations.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessExpectations {
+    /// A running run with no signal for this long becomes `stalled`.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub stall_after: Option<Duration>,
+    /// A run running (or having run) longer than this is a violation.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub max_duration: Option<Duration>,
+    /// A run must have succeeded by this time of day.
+    pub deadline: Option<Deadline>,
+    /// Bounds on the run's final counts, per outcome.
+    pub expected_records: BTreeMap<String, RecordBounds>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deadline {
+    /// `HH:MM` or `HH:MM:SS`, local to `timezone`.
+    pub time: String,
+    /// IANA time zone, e.g. `Europe/Berlin`; default `UTC`.
+    #[serde(default = "utc")]
+    pub timezone: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordBounds {
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Config {
+    /// Loads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { file: file.clone(), reason: e.to_string() })?;
+        Self::from_yaml(&text, &file)
+    }
+
+    /// Parses YAML text; `file` names the source in errors.
+    pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let mut value: serde_norway::Value = if text.trim().is_empty() {
+            serde_norway::Value::Mapping(Default::default())
+        } else {
+            serde_norway::from_str(text).map_err(|e| {
+                let loc = e.location().map(|l| format!("line {} column {}", l.line(), l.column())).unwrap_or_default();
+                ConfigError::at(file, loc, format!("not valid YAML: {e}"))
+            })?
+        };
+        if value.is_null() {
+            value = serde_norway::Value::Mapping(Default::default());
+        }
+        expand_env(&mut value, &mut Vec::new(), file)?;
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            ConfigError::at(file, path, e.into_inner().to_string())
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_request_bytes == 0 || l.max_decompressed_bytes == 0 {
+            return Err(ConfigError::at(file, "limits", "request size limits must be greater than zero"));
+        }
+        if l.max_decompressed_bytes < l.max_request_bytes {
+            return Err(ConfigError::at(file, "limits.max_decompressed_bytes", "must be at least limits.max_request_bytes"));
+        }
+        if !(l.max_number.is_finite() && l.max_number > 0.0) {
+            return Err(ConfigError::at(file, "limits.max_number", "must be a positive finite number"));
+        }
+        if self.pipeline.queue_capacity == 0 {
+            return Err(ConfigError::at(file, "pipeline.queue_capacity", "must be greater than zero"));
+        }
+        if self.pipeline.max_batches_per_commit == 0 {
+            return Err(ConfigError::at(file, "pipeline.max_batches_per_commit", "must be greater than zero"));
+        }
+        if self.pipeline.tick.is_zero() {
+            return Err(ConfigError::at(file, "pipeline.tick", "must be greater than zero"));
+        }
+        for (name, exp) in &self.processes {
+            let base = format!("processes.{name}");
+            if name.is_empty() || name.len() > l.max_name_length {
+                return Err(ConfigError::at(file, base, "process name must be 1..=max_name_length characters"));
+            }
+            if let Some(d) = &exp.deadline {
+                crate::runs::expect::DeadlineRule::parse(d).map_err(|r| ConfigError::at(file, format!("{base}.deadline"), r))?;
+            }
+            for (outcome, b) in &exp.expected_records {
+                let p = format!("{base}.expected_records.{outcome}");
+                if b.min.is_none() && b.max.is_none() {
+                    return Err(ConfigError::at(file, p, "give min, max or both"));
+                }
+                if let (Some(min), Some(max)) = (b.min, b.max) {
+                    if min > max {
+                        return Err(ConfigError::at(file, p, format!("min ({min}) is greater than max ({max})")));
+                    }
+                }
+            }
+            if exp.stall_after.is_some_and(|d| d.is_zero()) {
+                return Err(ConfigError::at(file, format!("{base}.stall_after"), "must be greater than zero"));
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            crate::classify::rules::Rule::compile(rule)
+                .map_err(|(path, reason)| ConfigError::at(file, format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }), reason))?;
+        }
+        if let Some(t) = &self.ui.trace_url_template {
+            if !t.contains("{trace_id}") {
+                return Err(ConfigError::at(file, "ui.trace_url_template", "must contain {trace_id}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.storage.sqlite.path.clone().unwrap_or_else(|| self.data_dir.join("bizsignal.db"))
+    }
+}
+
+/// Expands `${env:NAME}` in every string; `$$` is a literal `$`. A scalar that
+/// is exactly one reference is re-read as YAML so `port: ${env:PORT}` stays a number.
+fn expand_env(v: &mut serde_norway::Value, path: &mut Vec<String>, file: &str) -> Result<(), ConfigError> {
+    use serde_norway::Value;
+    match v {
+        Value::String(s) => {
+            if !s.contains('$') {
+                return Ok(());
+            }
+            let whole = s.starts_with("${env:") && s.ends_with('}') && s.matches("${").count() == 1;
+            let expanded = expand_str(s).map_err(|r| ConfigError::at(file, path.join("."), r))?;
+            *v = if whole {
+                serde_norway::from_str::<Value>(&expanded)
+                    .ok()
+                    .filter(|x| !x.is_mapping() && !x.is_sequence() && !x.is_null())
+                    .unwrap_or(Value::String(expanded))
+            } else {
+                Value::String(expanded)
+            };
+        }
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                path.push(format!("[{i}]"));
+                expand_env(item, path, file)?;
+                path.pop();
+            }
+        }
+        Value::Mapping(m) => {
+            for (k, item) in m.iter_mut() {
+                path.push(k.as_str().unwrap_or("?").to_string());
+                expand_env(item, path, file)?;
+                path.pop();
+            }
+        }
+        Value::Tagged(t) => expand_env(&mut t.value, path, file)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_str(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        if let Some(t) = tail.strip_prefix("$$") {
+            out.push('$');
+            rest = t;
+        } else if let Some(t) = tail.strip_prefix("${env:") {
+            let end = t.find('}').ok_or("unterminated ${env:...} reference")?;
+            let name = &t[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("invalid environment variable name {name:?}"));
+            }
+            let val = std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
+            out.push_str(&val);
+            rest = &t[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h30m`, `2d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return if secs.is_finite() && secs >= 0.0 && secs < 1e12 {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err(format!("invalid duration {s:?}"))
+        };
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| format!("duration {s:?} lacks a unit (ms, s, m, h, d)"))?;
+        let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let mult = match rest[..unit_end].trim() {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            u => return Err(format!("unknown duration unit {u:?} in {s:?} (use ms, s, m, h, d)")),
+        };
+        total += n * mult;
+        rest = &rest[unit_end..];
+    }
+    if total >= 1e12 {
+        return Err(format!("duration {s:?} is too large"));
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Parses `512`, `64KiB`, `16MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..split].parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match s[split..].trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => return Err(format!("unknown size unit {u:?} (use B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult).and_then(|v| usize::try_from(v).ok()).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    Num(f64),
+    Str(String),
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => parse_duration(&n.to_string()),
+        NumOrStr::Str(s) => parse_duration(&s),
+    }
+    .map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) if n >= 0.0 && n.fract() == 0.0 => Ok(n as usize),
+        NumOrStr::Num(n) => Err(format!("invalid size {n}")),
+        NumOrStr::Str(s) => parse_bytes(&s),
+    }
+    .map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("1e300").is_err());
+        assert_eq!(parse_bytes("16MiB").unwrap(), 16 << 20);
+        assert!(parse_bytes("12 furlongs").is_err());
+    }
+
+    #[test]
+    fn env_references_expand_and_keep_types() {
+        std::env::set_var("BIZSIGNAL_TEST_PORT_ADDR", "127.0.0.1:9999");
+        std::env::set_var("BIZSIGNAL_TEST_CAP", "17");
+        let c = Config::from_yaml(
+            "server: { http: \"${env:BIZSIGNAL_TEST_PORT_ADDR}\" }\npipeline: { queue_capacity: \"${env:BIZSIGNAL_TEST_CAP}\" }\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.server.http.port(), 9999);
+        assert_eq!(c.pipeline.queue_capacity, 17);
+        let e = Config::from_yaml("data_dir: \"${env:BIZSIGNAL_NOT_SET_XYZ}\"\n", "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("data_dir") && e.contains("BIZSIGNAL_NOT_SET_XYZ is not set"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        let e = Config::from_yaml("processes:\n  imp:\n    stall_after: 5 parsecs\n", "c.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("c.yaml: processes.imp.stall_after:"), "{e}");
+        let e = Config::from_yaml("server:\n  htp: 1\n", "c.yaml").unwrap_err().to_string();
+        assert!(e.contains("server") && e.contains("unknown field `htp`"), "{e}");
+        let e = Config::from_yaml("processes:\n  imp:\n    deadline: { time: '25:00' }\n", "c.yaml").unwrap_err().to_string();
+        assert!(e.contains("processes.imp.deadline"), "{e}");
+        let e = Config::from_yaml("server: [", "c.yaml").unwrap_err().to_string();
+        assert!(e.contains("not valid YAML"), "{e}");
+    }
+}

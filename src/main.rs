@@ -1,0 +1,167 @@
+//! The `bizsignal` command line.
+
+use anyhow::Context as _;
+use bizsignal::config::Config;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "bizsignal", version, about = "OpenTelemetry-native business-signal processor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Receive OTLP, track process runs, serve the API.
+    Serve {
+        /// YAML config file (every key optional).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// OTLP/gRPC listen address [default: 0.0.0.0:4317]
+        #[arg(long)]
+        otlp_grpc: Option<SocketAddr>,
+        /// OTLP/HTTP listen address [default: 0.0.0.0:4318]
+        #[arg(long)]
+        otlp_http: Option<SocketAddr>,
+        /// API, web page and /metrics listen address [default: 0.0.0.0:8080]
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// Where the embedded store lives [default: ./data]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Validate a config file without starting.
+    CheckConfig { file: PathBuf },
+    /// Send realistic business telemetry through the OTLP exporter.
+    Demo {
+        /// OTLP endpoint [default: http://localhost:4317 for grpc, http://localhost:4318 for http]
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long, value_enum, default_value = "grpc")]
+        protocol: bizsignal::demo::Protocol,
+        /// Pause between progress steps of the import.
+        #[arg(long, default_value = "1s")]
+        pace: String,
+        /// Suffix for the demo's run ids (default: the current time).
+        #[arg(long)]
+        run_suffix: Option<String>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config, otlp_grpc, otlp_http, http, data_dir } => {
+            init_logging();
+            let loaded = match config {
+                Some(path) => Config::load(&path),
+                None => Ok(Config::default()),
+            };
+            let mut cfg = match loaded {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Some(a) = otlp_grpc {
+                cfg.server.otlp_grpc = a;
+            }
+            if let Some(a) = otlp_http {
+                cfg.server.otlp_http = a;
+            }
+            if let Some(a) = http {
+                cfg.server.http = a;
+            }
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            match serve(cfg) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(3),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { endpoint, protocol, pace, run_suffix } => {
+            init_logging();
+            let endpoint = endpoint.unwrap_or_else(|| match protocol {
+                bizsignal::demo::Protocol::Grpc => "http://localhost:4317".into(),
+                bizsignal::demo::Protocol::Http => "http://localhost:4318".into(),
+            });
+            let pace = match bizsignal::config::parse_duration(&pace) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("--pace: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let opts = bizsignal::demo::DemoOptions { endpoint: endpoint.clone(), protocol, pace, run_suffix };
+            // The OTLP exporters need a runtime context; the demo itself is sequential.
+            let _guard = rt.enter();
+            match rt.block_on(async { tokio::task::spawn_blocking(move || bizsignal::demo::run(&opts)).await }) {
+                Ok(Ok(runs)) => {
+                    for (p, r) in runs {
+                        println!("sent {p} run {r}");
+                    }
+                    println!("see them at GET /api/v1/runs on bizsignal's --http port");
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn serve(cfg: Config) -> anyhow::Result<bool> {
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let app = bizsignal::app::start(cfg).await?;
+        wait_for_signal().await;
+        Ok(app.shutdown().await)
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutdown signal received");
+}

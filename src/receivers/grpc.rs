@@ -1,0 +1,72 @@
+//! OTLP/gRPC: `TraceService/Export` and `LogsService/Export` on tonic, gzip
+//! accepted, message size limited after decompression (tonic enforces the
+//! limit while inflating, so a gzip bomb stops at the limit).
+
+use super::Intake;
+use crate::runs::tracker::SubmitError;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    logs_service_server::{LogsService, LogsServiceServer},
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    trace_service_server::{TraceService, TraceServiceServer},
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use std::time::Duration;
+use tonic::codec::CompressionEncoding;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+#[derive(Clone)]
+pub struct GrpcReceiver {
+    intake: Intake,
+    retry_after: Duration,
+}
+
+impl GrpcReceiver {
+    pub fn new(intake: Intake, retry_after: Duration) -> Self {
+        GrpcReceiver { intake, retry_after }
+    }
+
+    /// The tonic router with both OTLP services.
+    pub fn router(self, max_message_bytes: usize) -> tonic::service::Routes {
+        let traces = TraceServiceServer::new(self.clone())
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max_message_bytes);
+        let logs = LogsServiceServer::new(self)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max_message_bytes);
+        tonic::service::Routes::new(traces).add_service(logs)
+    }
+
+    fn status(&self, e: SubmitError) -> Status {
+        // Both codes are retryable for OTLP clients; RESOURCE_EXHAUSTED only
+        // because RetryInfo is attached.
+        let code = match e {
+            SubmitError::Busy => Code::ResourceExhausted,
+            _ => Code::Unavailable,
+        };
+        Status::with_error_details(code, e.to_string(), ErrorDetails::with_retry_info(Some(self.retry_after)))
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for GrpcReceiver {
+    async fn export(&self, request: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let accepted = self.intake.traces(request.into_inner()).await.map_err(|e| self.status(e))?;
+        let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess { rejected_spans: accepted.rejected, error_message: accepted.message });
+        Ok(Response::new(ExportTraceServiceResponse { partial_success }))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for GrpcReceiver {
+    async fn export(&self, request: Request<ExportLogsServiceRequest>) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let accepted = self.intake.logs(request.into_inner()).await.map_err(|e| self.status(e))?;
+        let partial_success =
+            (accepted.rejected > 0).then(|| ExportLogsPartialSuccess { rejected_log_records: accepted.rejected, error_message: accepted.message });
+        Ok(Response::new(ExportLogsServiceResponse { partial_success }))
+    }
+}

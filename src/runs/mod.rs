@@ -1,0 +1,6 @@
+//! Process runs: the run state ([`run`]), the expectations checked against
+//! it ([`expect`]) and the tracker that owns and persists it ([`tracker`]).
+
+pub mod expect;
+pub mod run;
+pub mod tracker;

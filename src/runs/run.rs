@@ -1,0 +1,343 @@
+//! [`ProcessRun`]: one execution of a business process, folded from its
+//! signals. Every fold is order-independent (latest-by-time with a stable
+//! tie-break, minimum for first-reached, sums over de-duplicated signals), so
+//! the same set of signals yields the same run whatever order they arrive in.
+
+use crate::signal::{event_id, Fact, LifecycleStatus, RunKey, Signal};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Caps that keep one run's in-memory state bounded; all signals stay in storage.
+pub const MAX_NOTES: usize = 200;
+pub const MAX_PAYLOADS: usize = 50;
+pub const MAX_TRACE_IDS: usize = 100;
+pub const MAX_SERVICES: usize = 50;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Stalled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Stalled => "stalled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => RunStatus::Running,
+            "succeeded" => RunStatus::Succeeded,
+            "failed" => RunStatus::Failed,
+            "stalled" => RunStatus::Stalled,
+            _ => return None,
+        })
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RunStatus::Succeeded | RunStatus::Failed)
+    }
+}
+
+/// A timestamped value; `tie` (the event id) orders samples with equal times.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub at_ns: i64,
+    pub value: f64,
+    pub tie: String,
+}
+
+impl Sample {
+    fn newer_than(&self, other: &Sample) -> bool {
+        (self.at_ns, &self.tie) > (other.at_ns, &other.tie)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Milestone {
+    pub name: String,
+    pub at_ns: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Note {
+    pub at_ns: i64,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Payload {
+    pub at_ns: i64,
+    /// Canonical JSON text.
+    pub json: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Violation {
+    pub rule: String,
+    pub message: String,
+    pub at_ns: i64,
+}
+
+/// The signal that ended the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Terminal {
+    pub at_ns: i64,
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub tie: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRun {
+    pub process: String,
+    pub run_id: String,
+    pub status: RunStatus,
+    pub started_at_ns: i64,
+    pub last_seen_at_ns: i64,
+    pub terminal: Option<Terminal>,
+    pub counts: BTreeMap<String, f64>,
+    pub progress_done: Option<Sample>,
+    pub progress_total: Option<Sample>,
+    /// The earliest `done` sample, for the progress rate behind the ETA.
+    pub progress_first: Option<Sample>,
+    pub milestones: Vec<Milestone>,
+    pub notes: Vec<Note>,
+    pub payloads: Vec<Payload>,
+    pub values: BTreeMap<String, Sample>,
+    pub trace_ids: BTreeSet<String>,
+    pub services: BTreeSet<String>,
+    pub violations: Vec<Violation>,
+    /// Wall-clock time the last signal was received (stall detection uses
+    /// this, not the producer's clock).
+    pub last_received_at_ns: i64,
+    pub signal_count: u64,
+}
+
+impl ProcessRun {
+    pub fn new(key: &RunKey, received_ns: i64) -> Self {
+        ProcessRun {
+            process: key.process.clone(),
+            run_id: key.run_id.clone(),
+            status: RunStatus::Running,
+            started_at_ns: i64::MAX,
+            last_seen_at_ns: i64::MIN,
+            terminal: None,
+            counts: BTreeMap::new(),
+            progress_done: None,
+            progress_total: None,
+            progress_first: None,
+            milestones: Vec::new(),
+            notes: Vec::new(),
+            payloads: Vec::new(),
+            values: BTreeMap::new(),
+            trace_ids: BTreeSet::new(),
+            services: BTreeSet::new(),
+            violations: Vec::new(),
+            last_received_at_ns: received_ns,
+            signal_count: 0,
+        }
+    }
+
+    pub fn key(&self) -> RunKey {
+        RunKey { process: self.process.clone(), run_id: self.run_id.clone() }
+    }
+
+    pub fn ended_at_ns(&self) -> Option<i64> {
+        self.terminal.as_ref().map(|t| t.at_ns)
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.terminal.as_ref().and_then(|t| t.error.as_deref())
+    }
+
+    pub fn duration_seconds(&self, now_ns: i64) -> f64 {
+        let end = self.ended_at_ns().unwrap_or(now_ns.max(self.last_seen_at_ns));
+        (end.saturating_sub(self.started_at_ns)).max(0) as f64 / 1e9
+    }
+
+    /// Folds one (already de-duplicated) signal into the run.
+    pub fn apply(&mut self, s: &Signal, received_ns: i64) {
+        self.signal_count += 1;
+        self.started_at_ns = self.started_at_ns.min(s.start_ns);
+        self.last_seen_at_ns = self.last_seen_at_ns.max(s.time_ns);
+        self.last_received_at_ns = self.last_received_at_ns.max(received_ns);
+        if !s.trace_id.is_empty() && self.trace_ids.len() < MAX_TRACE_IDS {
+            self.trace_ids.insert(s.trace_id.clone());
+        }
+        if self.services.len() < MAX_SERVICES {
+            self.services.insert(s.service.clone());
+        }
+        for (i, fact) in s.facts.iter().enumerate() {
+            let sample = |v: f64| Sample { at_ns: s.time_ns, value: v, tie: event_id(s.id, i as u32 + 1) };
+            match fact {
+                Fact::Records { outcome, count } => *self.counts.entry(outcome.clone()).or_insert(0.0) += count,
+                Fact::ProgressDone(v) => {
+                    let smp = sample(*v);
+                    if self.progress_first.as_ref().is_none_or(|f| !smp.newer_than(f)) {
+                        self.progress_first = Some(smp.clone());
+                    }
+                    latest(&mut self.progress_done, smp);
+                }
+                Fact::ProgressTotal(v) => latest(&mut self.progress_total, sample(*v)),
+                Fact::Milestone(name) => self.add_milestone(name, s.time_ns),
+                Fact::Note(text) => self.add_note(Note { at_ns: s.time_ns, text: text.clone() }),
+                Fact::Payload(json) => self.add_payload(Payload { at_ns: s.time_ns, json: json.clone() }),
+                Fact::Value { name, value } => {
+                    let smp = sample(*value);
+                    match self.values.get_mut(name) {
+                        Some(cur) if !smp.newer_than(cur) => {}
+                        _ => {
+                            self.values.insert(name.clone(), smp);
+                        }
+                    }
+                }
+                Fact::Status { status: LifecycleStatus::Started, .. } => {}
+                Fact::Status { status, error } => {
+                    let t = Terminal {
+                        at_ns: s.time_ns,
+                        status: if *status == LifecycleStatus::Failed { RunStatus::Failed } else { RunStatus::Succeeded },
+                        error: error.clone(),
+                        tie: event_id(s.id, i as u32 + 1),
+                    };
+                    self.set_terminal(t);
+                }
+            }
+        }
+        if self.terminal.is_none() {
+            // New life in a stalled run.
+            self.status = RunStatus::Running;
+        }
+    }
+
+    fn set_terminal(&mut self, t: Terminal) {
+        let replace = match &self.terminal {
+            None => true,
+            // Latest terminal signal wins; at equal times "failed" wins, then the tie.
+            Some(cur) => (t.at_ns, t.status == RunStatus::Failed, &t.tie) > (cur.at_ns, cur.status == RunStatus::Failed, &cur.tie),
+        };
+        if replace {
+            self.status = t.status;
+            self.terminal = Some(t);
+        }
+    }
+
+    fn add_milestone(&mut self, name: &str, at_ns: i64) {
+        match self.milestones.iter_mut().find(|m| m.name == name) {
+            Some(m) => m.at_ns = m.at_ns.min(at_ns),
+            None => self.milestones.push(Milestone { name: name.to_string(), at_ns }),
+        }
+        self.milestones.sort_by(|a, b| (a.at_ns, &a.name).cmp(&(b.at_ns, &b.name)));
+    }
+
+    fn add_note(&mut self, n: Note) {
+        if let Err(pos) = self.notes.binary_search(&n) {
+            self.notes.insert(pos, n);
+        }
+        if self.notes.len() > MAX_NOTES {
+            self.notes.remove(0);
+        }
+    }
+
+    fn add_payload(&mut self, p: Payload) {
+        if let Err(pos) = self.payloads.binary_search(&p) {
+            self.payloads.insert(pos, p);
+        }
+        if self.payloads.len() > MAX_PAYLOADS {
+            self.payloads.remove(0);
+        }
+    }
+
+    /// Folds another run's state into this one (used when a run first known
+    /// by its trace id turns out to carry an explicit `business.run.id`).
+    pub fn merge(&mut self, o: &ProcessRun) {
+        self.signal_count += o.signal_count;
+        self.started_at_ns = self.started_at_ns.min(o.started_at_ns);
+        self.last_seen_at_ns = self.last_seen_at_ns.max(o.last_seen_at_ns);
+        self.last_received_at_ns = self.last_received_at_ns.max(o.last_received_at_ns);
+        for (k, v) in &o.counts {
+            *self.counts.entry(k.clone()).or_insert(0.0) += v;
+        }
+        if let Some(s) = &o.progress_done {
+            latest(&mut self.progress_done, s.clone());
+        }
+        if let Some(s) = &o.progress_total {
+            latest(&mut self.progress_total, s.clone());
+        }
+        if let Some(s) = &o.progress_first {
+            if self.progress_first.as_ref().is_none_or(|f| !s.newer_than(f)) {
+                self.progress_first = Some(s.clone());
+            }
+        }
+        for m in &o.milestones {
+            self.add_milestone(&m.name, m.at_ns);
+        }
+        for n in &o.notes {
+            self.add_note(n.clone());
+        }
+        for p in &o.payloads {
+            self.add_payload(p.clone());
+        }
+        for (k, v) in &o.values {
+            match self.values.get(k) {
+                Some(cur) if !v.newer_than(cur) => {}
+                _ => {
+                    self.values.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        self.trace_ids.extend(o.trace_ids.iter().cloned());
+        self.services.extend(o.services.iter().cloned());
+        for v in &o.violations {
+            self.add_violation(v.clone());
+        }
+        if let Some(t) = &o.terminal {
+            self.set_terminal(t.clone());
+        }
+        if self.terminal.is_none() && !(self.status == RunStatus::Stalled && o.status == RunStatus::Stalled) {
+            self.status = RunStatus::Running;
+        }
+    }
+
+    /// Records a violation once per rule; returns whether it was new.
+    pub fn add_violation(&mut self, v: Violation) -> bool {
+        if self.violations.iter().any(|x| x.rule == v.rule) {
+            return false;
+        }
+        self.violations.push(v);
+        true
+    }
+
+    /// Done/total ratio in 0..=1 when both are known.
+    pub fn progress_ratio(&self) -> Option<f64> {
+        let (d, t) = (self.progress_done.as_ref()?, self.progress_total.as_ref()?);
+        (t.value > 0.0).then(|| (d.value / t.value).clamp(0.0, 1.0))
+    }
+
+    /// Estimated completion time from the progress rate so far.
+    pub fn eta_ns(&self) -> Option<i64> {
+        if self.terminal.is_some() {
+            return None;
+        }
+        let (first, done, total) = (self.progress_first.as_ref()?, self.progress_done.as_ref()?, self.progress_total.as_ref()?);
+        let dt = (done.at_ns - first.at_ns) as f64;
+        let dv = done.value - first.value;
+        if dt <= 0.0 || dv <= 0.0 || total.value <= done.value {
+            return None;
+        }
+        let remaining = (total.value - done.value) / (dv / dt);
+        (remaining < 1e18).then(|| done.at_ns.saturating_add(remaining as i64))
+    }
+}
+
+fn latest(slot: &mut Option<Sample>, s: Sample) {
+    if slot.as_ref().is_none_or(|cur| s.newer_than(cur)) {
+        *slot = Some(s);
+    }
+}

@@ -1,0 +1,233 @@
+//! The one type every stage after the receivers speaks: a classified business
+//! [`Signal`] (one span, log record or API event) carrying business [`Fact`]s,
+//! and its flattened storage form, [`BusinessEvent`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Where a signal came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignalKind {
+    Span,
+    Log,
+    /// Plain-HTTP intake (`POST /api/v1/events`).
+    Event,
+}
+
+impl SignalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignalKind::Span => "span",
+            SignalKind::Log => "log",
+            SignalKind::Event => "event",
+        }
+    }
+}
+
+/// Explicit lifecycle statuses a signal can carry (`business.run.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LifecycleStatus {
+    Started,
+    Succeeded,
+    Failed,
+}
+
+impl LifecycleStatus {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "started" => Some(Self::Started),
+            "succeeded" => Some(Self::Succeeded),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// One business fact carried by a signal.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fact {
+    /// `business.records.<outcome>`: records handled by this signal.
+    Records { outcome: String, count: f64 },
+    /// `business.progress.done` (absolute; latest wins).
+    ProgressDone(f64),
+    /// `business.progress.total` (absolute; latest wins).
+    ProgressTotal(f64),
+    /// `business.milestone`.
+    Milestone(String),
+    /// `business.note`.
+    Note(String),
+    /// `business.payload` (validated JSON text).
+    Payload(String),
+    /// `business.value.<name>`: a numeric business value (latest wins).
+    Value { name: String, value: f64 },
+    /// Lifecycle: explicit `business.run.status`, or the end of the run's root span.
+    Status {
+        status: LifecycleStatus,
+        error: Option<String>,
+    },
+}
+
+/// A classified business signal: everything later stages need, nothing more.
+#[derive(Debug, Clone)]
+pub struct Signal {
+    /// Stable identity used for de-duplication (trace id + span id for spans,
+    /// a content hash for log records).
+    pub id: u128,
+    pub kind: SignalKind,
+    pub process: String,
+    /// Explicit run id; `None` means "the trace identifies the run".
+    pub run_id: Option<String>,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Span or event name; for logs the severity text.
+    pub name: String,
+    /// Start time (spans) or record time (logs), unix nanoseconds.
+    pub start_ns: i64,
+    /// End time (spans) or record time (logs), unix nanoseconds.
+    pub time_ns: i64,
+    /// Log body or span status message, shown on the run's timeline.
+    pub text: String,
+    pub service: String,
+    pub attributes: Vec<(String, String)>,
+    pub resource: Vec<(String, String)>,
+    pub facts: Vec<Fact>,
+}
+
+impl Signal {
+    /// The run key this signal belongs to, before trace aliasing.
+    pub fn run_key(&self) -> RunKey {
+        RunKey {
+            process: self.process.clone(),
+            run_id: self
+                .run_id
+                .clone()
+                .unwrap_or_else(|| self.trace_id.clone()),
+        }
+    }
+
+    /// Flattens the signal into storage rows: one row for the signal itself,
+    /// one per fact. Event ids are deterministic, so a replayed insert can be
+    /// recognised by every backend.
+    pub fn to_events(&self, run_id: &str) -> Vec<BusinessEvent> {
+        let mut out = Vec::with_capacity(self.facts.len() + 1);
+        let attributes = serde_json::to_string(&pairs_to_map(&self.attributes)).unwrap_or_default();
+        let resource = serde_json::to_string(&pairs_to_map(&self.resource)).unwrap_or_default();
+        let base = |seq: u32, kind: &str, name: String, time_ns: i64, value: Option<f64>, text: String, payload: String| BusinessEvent {
+            event_id: event_id(self.id, seq),
+            signal_id: format!("{:032x}", self.id),
+            process: self.process.clone(),
+            run_id: run_id.to_string(),
+            time_ns,
+            kind: kind.to_string(),
+            name,
+            value,
+            text,
+            payload,
+            service: self.service.clone(),
+            trace_id: self.trace_id.clone(),
+            span_id: self.span_id.clone(),
+            attributes: attributes.clone(),
+            resource: resource.clone(),
+        };
+        let duration = if self.kind == SignalKind::Span {
+            Some((self.time_ns - self.start_ns).max(0) as f64 / 1e9)
+        } else {
+            None
+        };
+        out.push(base(0, self.kind.as_str(), self.name.clone(), self.start_ns, duration, self.text.clone(), String::new()));
+        for (i, fact) in self.facts.iter().enumerate() {
+            let seq = i as u32 + 1;
+            let t = self.time_ns;
+            let ev = match fact {
+                Fact::Records { outcome, count } => base(seq, "records", outcome.clone(), t, Some(*count), String::new(), String::new()),
+                Fact::ProgressDone(v) => base(seq, "progress", "done".into(), t, Some(*v), String::new(), String::new()),
+                Fact::ProgressTotal(v) => base(seq, "progress", "total".into(), t, Some(*v), String::new(), String::new()),
+                Fact::Milestone(m) => base(seq, "milestone", m.clone(), t, None, String::new(), String::new()),
+                Fact::Note(n) => base(seq, "note", String::new(), t, None, n.clone(), String::new()),
+                Fact::Payload(p) => base(seq, "payload", String::new(), t, None, String::new(), p.clone()),
+                Fact::Value { name, value } => base(seq, "value", name.clone(), t, Some(*value), String::new(), String::new()),
+                Fact::Status { status, error } => base(seq, "status", status.as_str().into(), t, None, error.clone().unwrap_or_default(), String::new()),
+            };
+            out.push(ev);
+        }
+        out
+    }
+}
+
+fn pairs_to_map(pairs: &[(String, String)]) -> std::collections::BTreeMap<&str, &str> {
+    pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Deterministic event id: the signal identity plus the fact's position.
+pub fn event_id(signal_id: u128, seq: u32) -> String {
+    let mut buf = [0u8; 20];
+    buf[..16].copy_from_slice(&signal_id.to_le_bytes());
+    buf[16..].copy_from_slice(&seq.to_le_bytes());
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&buf))
+}
+
+/// The identity of a process run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RunKey {
+    pub process: String,
+    pub run_id: String,
+}
+
+impl fmt::Display for RunKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.process, self.run_id)
+    }
+}
+
+/// The storage form of one business fact (or of the signal itself, kind
+/// `span`/`log`/`event`). Append-only; `event_id` is deterministic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BusinessEvent {
+    pub event_id: String,
+    pub signal_id: String,
+    pub process: String,
+    pub run_id: String,
+    pub time_ns: i64,
+    pub kind: String,
+    pub name: String,
+    pub value: Option<f64>,
+    pub text: String,
+    pub payload: String,
+    pub service: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// JSON object of the record's attributes.
+    pub attributes: String,
+    /// JSON object of the resource attributes.
+    pub resource: String,
+}
+
+impl BusinessEvent {
+    /// Rebuilds the business fact this row stands for, if it is one.
+    pub fn fact(&self) -> Option<Fact> {
+        let v = self.value.unwrap_or(0.0);
+        Some(match self.kind.as_str() {
+            "records" => Fact::Records { outcome: self.name.clone(), count: v },
+            "progress" if self.name == "done" => Fact::ProgressDone(v),
+            "progress" if self.name == "total" => Fact::ProgressTotal(v),
+            "milestone" => Fact::Milestone(self.name.clone()),
+            "note" => Fact::Note(self.text.clone()),
+            "payload" => Fact::Payload(self.payload.clone()),
+            "value" => Fact::Value { name: self.name.clone(), value: v },
+            "status" => Fact::Status {
+                status: LifecycleStatus::parse(&self.name)?,
+                error: (!self.text.is_empty()).then(|| self.text.clone()),
+            },
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! Storage behind one interface: the run tracker writes [`WriteBatch`]es and
+//! the query layer reads runs, processes and events. SQLite is the embedded
+//! default; other backends implement the same [`Store`] trait and pass the
+//! same conformance suite (`tests/storage_conformance.rs`).
+
+pub mod sqlite;
+
+use crate::runs::run::{ProcessRun, Violation};
+use crate::signal::{BusinessEvent, RunKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage schema problem: {0}")]
+    Schema(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Everything one tracker commit changes, written atomically.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    pub events: Vec<BusinessEvent>,
+    /// Runs to insert or replace (full state).
+    pub runs: Vec<ProcessRun>,
+    /// Trace-keyed runs merged into a run with an explicit id: their events
+    /// move to `to_run_id` and the old run row disappears.
+    pub merges: Vec<(RunKey, String)>,
+    /// (process, trace id) → run id learned from `business.run.id`.
+    pub aliases: Vec<(String, String, String)>,
+    pub process_violations: Vec<(String, Violation)>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.runs.is_empty() && self.merges.is_empty() && self.aliases.is_empty() && self.process_violations.is_empty()
+    }
+}
+
+/// A process as the board shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessSummary {
+    pub name: String,
+    pub latest_run: Option<ProcessRun>,
+    pub last_success_at_ns: Option<i64>,
+    pub active_runs: u64,
+    /// Process-level violations (e.g. a deadline with no run), newest first.
+    pub violations: Vec<Violation>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery {
+    pub process: Option<String>,
+    pub status: Option<crate::runs::run::RunStatus>,
+    /// Runs started at or after this time.
+    pub since_ns: Option<i64>,
+    pub limit: usize,
+    /// Opaque cursor from a previous page.
+    pub cursor: Option<RunCursor>,
+}
+
+/// Position in the newest-first run order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunCursor {
+    pub started_at_ns: i64,
+    pub process: String,
+    pub run_id: String,
+}
+
+impl RunCursor {
+    pub fn encode(&self) -> String {
+        let json = serde_json::json!([self.started_at_ns, self.process, self.run_id]).to_string();
+        crate::classify::hex(json.as_bytes())
+    }
+
+    pub fn decode(s: &str) -> Option<RunCursor> {
+        if s.len() % 2 != 0 || s.len() > 4096 {
+            return None;
+        }
+        let bytes = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect::<Option<Vec<u8>>>()?;
+        let (t, p, r): (i64, String, String) = serde_json::from_slice(&bytes).ok()?;
+        Some(RunCursor { started_at_ns: t, process: p, run_id: r })
+    }
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// Applies a batch atomically and durably: when this returns `Ok`, the
+    /// batch survives a crash.
+    fn write(&self, batch: &WriteBatch) -> Result<(), StorageError>;
+    /// Runs that have not ended (the tracker keeps them in memory).
+    fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError>;
+    fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError>;
+    /// Identities of the signals already folded into a run (for de-duplication).
+    fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError>;
+    fn alias(&self, process: &str, trace_id: &str) -> Result<Option<String>, StorageError>;
+    /// Newest successful end time per process.
+    fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError>;
+    fn list_processes(&self) -> Result<Vec<ProcessSummary>, StorageError>;
+    /// Newest first; returns the page and the cursor of the next one.
+    fn list_runs(&self, q: &RunQuery) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError>;
+    /// A run's events in time order.
+    fn run_events(&self, key: &RunKey, limit: usize) -> Result<Vec<BusinessEvent>, StorageError>;
+}
