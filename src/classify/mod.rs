@@ -145,7 +145,7 @@ impl Classifier {
             resource,
             trace_id: &span.trace_id,
         };
-        let what = || format!("span {:?} (trace {})", truncate(&span.name, 64), hex(&span.trace_id));
+        let what = || format!("span {:?}{}", truncate(&span.name, 64), in_trace(&span.trace_id));
         let rule = self.rules.first_match(&view);
         let mut draft = match Draft::from_view(&view, rule, &self.limits) {
             Ok(Some(d)) => d,
@@ -199,7 +199,7 @@ impl Classifier {
             resource,
             trace_id: &log.trace_id,
         };
-        let what = || format!("log record at {} (trace {})", log.time_unix_nano, hex(&log.trace_id));
+        let what = || format!("log record at {}{}", log.time_unix_nano, in_trace(&log.trace_id));
         let rule = self.rules.first_match(&view);
         let mut draft = match Draft::from_view(&view, rule, &self.limits) {
             Ok(Some(d)) => d,
@@ -362,6 +362,14 @@ impl Draft {
     }
 }
 
+fn in_trace(trace_id: &[u8]) -> String {
+    if trace_id.is_empty() {
+        String::new()
+    } else {
+        format!(" in trace {}", hex(trace_id))
+    }
+}
+
 fn check_ids(trace_id: &[u8], span_id: &[u8], run_id: &Option<String>) -> Result<(), String> {
     if !(trace_id.is_empty() || trace_id.len() == 16) {
         return Err(format!("trace id must be 16 bytes, got {}", trace_id.len()));
@@ -405,7 +413,8 @@ pub(crate) fn number(v: &AnyValue, key: &str, limits: &Limits, allow_negative: b
         _ => return Err(format!("{key} must be a number")),
     };
     if !n.is_finite() || n.abs() > limits.max_number {
-        return Err(format!("{key} must be a finite number of at most {:e}, got {n}", limits.max_number));
+        let shown = if n.abs() >= 1e15 { format!("{n:e}") } else { n.to_string() };
+        return Err(format!("{key} must be a finite number of at most {:e}, got {shown}", limits.max_number));
     }
     if !allow_negative && n < 0.0 {
         return Err(format!("{key} must not be negative, got {n}"));
