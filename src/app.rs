@@ -41,6 +41,8 @@ pub struct RunningApp {
     tracker_shutdown: Arc<AtomicBool>,
     tracker_thread: std::thread::JoinHandle<()>,
     shutdown_timeout: Duration,
+    /// `/readyz` answers 503 once shutdown begins, so load balancers stop sending.
+    ready: Arc<AtomicBool>,
 }
 
 pub async fn start(config: Config) -> Result<RunningApp, AppError> {
@@ -82,7 +84,10 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
-        let server = tonic::transport::Server::builder().add_routes(grpc).serve_with_incoming_shutdown(incoming, stopped(rx));
+        let server = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(crate::receivers::grpc::invalid_argument_for_decode_errors))
+            .add_routes(grpc)
+            .serve_with_incoming_shutdown(incoming, stopped(rx));
         if let Err(e) = server.await {
             tracing::error!(error = %e, "OTLP/gRPC server failed");
         }
@@ -106,7 +111,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let api_router = api::router(ApiState {
         queries: Queries { store },
         metrics: metrics.clone(),
-        ready,
+        ready: ready.clone(),
         trace_url_template: config.ui.trace_url_template.clone(),
         configured_processes: config.processes.keys().cloned().collect(),
     });
@@ -129,6 +134,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         tracker_shutdown,
         tracker_thread,
         shutdown_timeout: config.pipeline.shutdown_timeout,
+        ready,
     })
 }
 
@@ -136,6 +142,7 @@ impl RunningApp {
     /// Stops in stages; returns false when a stage missed its deadline.
     pub async fn shutdown(self) -> bool {
         let mut clean = true;
+        self.ready.store(false, Ordering::Release);
         tracing::info!("shutting down: closing receivers");
         let _ = self.stop.send(true);
         for s in self.servers {

@@ -66,7 +66,7 @@ pub struct ServerConfig {
     pub otlp_grpc: SocketAddr,
     /// OTLP/HTTP listen address.
     pub otlp_http: SocketAddr,
-    /// REST API, web page and `/metrics`.
+    /// REST API and `/metrics`.
     pub http: SocketAddr,
 }
 
@@ -298,6 +298,9 @@ impl Config {
             }
             if exp.stall_after.is_some_and(|d| d.is_zero()) {
                 return Err(ConfigError::at(file, format!("{base}.stall_after"), "must be greater than zero"));
+            }
+            if exp.max_duration.is_some_and(|d| d.is_zero()) {
+                return Err(ConfigError::at(file, format!("{base}.max_duration"), "must be greater than zero"));
             }
         }
         for (i, rule) in self.rules.iter().enumerate() {

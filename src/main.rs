@@ -27,7 +27,7 @@ enum Command {
         /// OTLP/HTTP listen address [default: 0.0.0.0:4318]
         #[arg(long)]
         otlp_http: Option<SocketAddr>,
-        /// API, web page and /metrics listen address [default: 0.0.0.0:8080]
+        /// API and /metrics listen address [default: 0.0.0.0:8080]
         #[arg(long)]
         http: Option<SocketAddr>,
         /// Where the embedded store lives [default: ./data]
@@ -54,7 +54,11 @@ enum Command {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {

@@ -11,7 +11,7 @@ use std::fmt;
 pub enum SignalKind {
     Span,
     Log,
-    /// Plain-HTTP intake (`POST /api/v1/events`).
+    /// Reserved for plain-HTTP intake (planned `POST /api/v1/events`).
     Event,
 }
 

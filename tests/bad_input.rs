@@ -174,9 +174,33 @@ async fn grpc_partial_success_gzip_and_size_limit() {
     big.resource_spans[0].scope_spans[0].spans[0].name = "x".repeat(2 << 20);
     let mut tc = TraceServiceClient::connect(srv.grpc_endpoint()).await.unwrap().send_compressed(tonic::codec::CompressionEncoding::Gzip);
     let err = tc.export(big).await.unwrap_err();
-    assert!(matches!(err.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal), "{err:?}");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("limit"), "{err:?}");
+    use tonic_types::StatusExt;
+    assert!(err.get_details_retry_info().is_none(), "no RetryInfo: a too-large message must not be retried");
     still_serving(&srv, "grpc-after").await;
+    srv.stop().await;
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbage {
+    #[prost(bytes = "vec", tag = "1")]
+    data: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_undecodable_message_is_invalid_argument() {
+    let srv = Server::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(srv.grpc_endpoint()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<Garbage, opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>::default();
+    let path = http::uri::PathAndQuery::from_static("/opentelemetry.proto.collector.trace.v1.TraceService/Export");
+    // Field 1 (resource_spans) holding bytes that are not a ResourceSpans message.
+    let err = grpc.unary(tonic::Request::new(Garbage { data: vec![0xff; 12] }), path, codec).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("decode"), "{err:?}");
+    still_serving(&srv, "after-garbage").await;
     srv.stop().await;
 }
 

@@ -144,7 +144,7 @@ async fn deadline_violation_with_and_without_a_run() {
         let nightly = procs["processes"].as_array().unwrap().iter().find(|p| p["name"] == "nightly").unwrap().clone();
         if let Some(v) = nightly["violations"].as_array().unwrap().first() {
             assert_eq!(v["rule"], "deadline");
-            assert!(v["message"].as_str().unwrap().contains("no run started"), "{v}");
+            assert!(v["message"].as_str().unwrap().contains("no run was in progress"), "{v}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "no process violation: {nightly:#}");
@@ -298,5 +298,36 @@ async fn run_listing_filters_and_paginates() {
     assert_eq!(st, 404);
     assert_eq!(srv.get("/healthz").await.0, 200);
     assert_eq!(srv.get("/readyz").await.0, 200);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_commit_merge_keeps_events_under_named_run_across_restart() {
+    let mut srv = Server::start().await;
+    let trace = fixture("reconciliation-trace.json");
+    // Children and root in one request: merged within one commit.
+    srv.post_json("/v1/traces", &trace).await;
+    let (_, ev) = srv.get("/api/v1/runs/invoice-reconciliation/recon-2026-11-21/events").await;
+    assert_eq!(ev["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "span").count(), 4, "{ev:#}");
+    srv.restart_with(|_| {}).await;
+    // A retry after the restart must be recognised as a duplicate.
+    srv.post_json("/v1/traces", &trace).await;
+    let run = srv.run("invoice-reconciliation", "recon-2026-11-21").await.unwrap();
+    assert_eq!(run["counts"]["processed"], 1840);
+    assert_eq!(run["signal_count"], 4);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_name_on_the_resource_applies_to_all_its_records() {
+    let srv = Server::start().await;
+    let body = r#"{"resourceLogs":[{"resource":{"attributes":[
+        {"key":"service.name","value":{"stringValue":"etl"}},
+        {"key":"business.process.name","value":{"stringValue":"etl-load"}},
+        {"key":"business.run.id","value":{"stringValue":"load-7"}}]},
+      "scopeLogs":[{"logRecords":[{"timeUnixNano":"1795240800000000000","body":{"stringValue":"loading"}}]}]}]}"#;
+    assert_eq!(srv.post_json("/v1/logs", body).await.0, 200);
+    let run = srv.run("etl-load", "load-7").await.expect("resource-level process name classifies the record");
+    assert_eq!(run["services"][0], "etl");
     srv.stop().await;
 }

@@ -103,9 +103,10 @@ impl Classifier {
         for rs in resource_spans {
             let resource = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
             let service = service_name(resource);
+            let rb = has_business(resource);
             for ss in &rs.scope_spans {
                 for span in &ss.spans {
-                    self.classify_span(span, resource, service, now_ns, &mut out);
+                    self.classify_span(span, resource, rb, service, now_ns, &mut out);
                 }
             }
         }
@@ -117,22 +118,24 @@ impl Classifier {
         for rl in resource_logs {
             let resource = rl.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
             let service = service_name(resource);
+            let rb = has_business(resource);
             for sl in &rl.scope_logs {
                 for log in &sl.log_records {
-                    self.classify_log(log, resource, service, now_ns, &mut out);
+                    self.classify_log(log, resource, rb, service, now_ns, &mut out);
                 }
             }
         }
         out
     }
 
-    /// Cheap test: does anything make this record business?
-    fn is_candidate(&self, attributes: &[KeyValue]) -> bool {
-        !self.rules.is_empty() || attributes.iter().any(|kv| kv.key.starts_with("business."))
+    /// Cheap test: does anything make this record business? `resource_business`
+    /// is computed once per resource (a resource may carry the process name).
+    fn is_candidate(&self, attributes: &[KeyValue], resource_business: bool) -> bool {
+        resource_business || !self.rules.is_empty() || attributes.iter().any(|kv| kv.key.starts_with("business."))
     }
 
-    fn classify_span(&self, span: &Span, resource: &[KeyValue], service: &str, now_ns: i64, out: &mut Classified) {
-        if !self.is_candidate(&span.attributes) {
+    fn classify_span(&self, span: &Span, resource: &[KeyValue], resource_business: bool, service: &str, now_ns: i64, out: &mut Classified) {
+        if !self.is_candidate(&span.attributes, resource_business) {
             out.discarded += 1;
             return;
         }
@@ -185,8 +188,8 @@ impl Classifier {
         out.signals.push(self.finish(draft, &view, id, hex(&span.span_id), span.name.clone(), start, end, status_msg.to_string()));
     }
 
-    fn classify_log(&self, log: &LogRecord, resource: &[KeyValue], service: &str, now_ns: i64, out: &mut Classified) {
-        if !self.is_candidate(&log.attributes) {
+    fn classify_log(&self, log: &LogRecord, resource: &[KeyValue], resource_business: bool, service: &str, now_ns: i64, out: &mut Classified) {
+        if !self.is_candidate(&log.attributes, resource_business) {
             out.discarded += 1;
             return;
         }
@@ -446,6 +449,10 @@ fn exception_message(span: &Span) -> Option<String> {
     span.events.iter().filter(|e| e.name == "exception").find_map(|e| {
         e.attributes.iter().find(|kv| kv.key == "exception.message").and_then(|kv| kv.value.as_ref()).map(any_to_string)
     })
+}
+
+fn has_business(resource: &[KeyValue]) -> bool {
+    resource.iter().any(|kv| kv.key == PROCESS)
 }
 
 fn service_name(resource: &[KeyValue]) -> &str {

@@ -23,6 +23,28 @@ pub struct GrpcReceiver {
     retry_after: Duration,
 }
 
+/// Maps tonic's own refusals to the codes OTLP clients act on correctly.
+///
+/// tonic answers INTERNAL for a request it cannot decode (gRPC's general
+/// guidance); OTLP clients must see INVALID_ARGUMENT so they do not retry a
+/// body that will never decode. The status travels in a trailers-only
+/// response, so rewriting the header is enough.
+pub fn invalid_argument_for_decode_errors<B>(mut r: http::Response<B>) -> http::Response<B> {
+    let h = r.headers_mut();
+    let decode_error = h.get("grpc-status").is_some_and(|v| v == "13")
+        && h.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.starts_with("failed%20to%20decode"));
+    if decode_error {
+        h.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    // Over the size limit: tonic says OUT_OF_RANGE, which OTLP clients retry
+    // forever. RESOURCE_EXHAUSTED without RetryInfo tells them not to.
+    let too_large = h.get("grpc-status").is_some_and(|v| v == "11");
+    if too_large {
+        h.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    r
+}
+
 impl GrpcReceiver {
     pub fn new(intake: Intake, retry_after: Duration) -> Self {
         GrpcReceiver { intake, retry_after }

@@ -216,20 +216,27 @@ fn encode<M: Message>(m: &M, rejected_key: &str, accepted: &super::Accepted, enc
     }
 }
 
-fn body_or_error(body: Result<Bytes, axum::extract::rejection::BytesRejection>, r: &HttpReceiver) -> Result<Bytes, HttpError> {
+fn body_or_error(body: Result<Bytes, axum::extract::rejection::BytesRejection>, r: &HttpReceiver, headers: &HeaderMap) -> Result<Bytes, HttpError> {
+    // Answer in the client's encoding when it named a known one.
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let enc = if ct.starts_with("application/x-protobuf") || ct.starts_with("application/protobuf") {
+        Some(Encoding::Protobuf)
+    } else {
+        None
+    };
     body.map_err(|e| {
         let status = e.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             crate::metrics::SelfMetrics::add(&r.intake.metrics.requests_too_large, 1);
-            HttpError::new(status, format!("body is larger than the limit of {} bytes", r.max_request_bytes), None)
+            HttpError::new(status, format!("body is larger than the limit of {} bytes", r.max_request_bytes), enc)
         } else {
-            HttpError::new(status, format!("cannot read body: {e}"), None)
+            HttpError::new(status, format!("cannot read body: {e}"), enc)
         }
     })
 }
 
 async fn traces(State(r): State<HttpReceiver>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, HttpError> {
-    let body = body_or_error(body, &r)?;
+    let body = body_or_error(body, &r, &headers)?;
     let (req, enc) = r.decode::<ExportTraceServiceRequest>(&headers, &body)?;
     let accepted = r.intake.traces(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
     let partial_success =
@@ -238,7 +245,7 @@ async fn traces(State(r): State<HttpReceiver>, headers: HeaderMap, body: Result<
 }
 
 async fn logs(State(r): State<HttpReceiver>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, HttpError> {
-    let body = body_or_error(body, &r)?;
+    let body = body_or_error(body, &r, &headers)?;
     let (req, enc) = r.decode::<ExportLogsServiceRequest>(&headers, &body)?;
     let accepted = r.intake.logs(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
     let partial_success =

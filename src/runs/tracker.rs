@@ -294,6 +294,11 @@ impl Tracker {
             let key = RunKey { process: process.clone(), run_id: run_id.clone() };
             let traced = !s.trace_id.is_empty() && s.trace_id != *run_id;
             if traced && !work.aliases.contains_key(&trace_key) && !self.aliases.contains_key(&trace_key) {
+                // First alias wins, also across restarts.
+                if let Some(existing) = self.store.alias(process, &s.trace_id)? {
+                    self.aliases.insert(trace_key, existing);
+                    return Ok(key);
+                }
                 work.aliases.insert(trace_key.clone(), run_id.clone());
                 work.batch.aliases.push((process.clone(), s.trace_id.clone(), run_id.clone()));
                 let tkey = RunKey { process: process.clone(), run_id: s.trace_id.clone() };
@@ -302,6 +307,10 @@ impl Tracker {
                     let target = self.entry(&key, work, now)?;
                     target.run.merge(&old.run);
                     target.seen.extend(old.seen);
+                    // Events of the trace-keyed run queued in this very commit move too.
+                    for e in work.batch.events.iter_mut().filter(|e| e.process == tkey.process && e.run_id == tkey.run_id) {
+                        e.run_id = run_id.clone();
+                    }
                     work.batch.merges.push((tkey.clone(), run_id.clone()));
                     work.merged_away.insert(tkey);
                 }
@@ -394,7 +403,7 @@ impl Tracker {
                 changed.push(RunEntry { run: copy, seen: HashSet::new() });
             }
             if !any_open {
-                batch.process_violations.push((process.clone(), Violation { message: format!("{}: no run started", v.message), ..v }));
+                batch.process_violations.push((process.clone(), Violation { message: format!("{}; no run was in progress", v.message), ..v }));
             }
         }
         batch.runs = changed.iter().map(|e| e.run.clone()).collect();

@@ -1,7 +1,8 @@
 //! Storage behind one interface: the run tracker writes [`WriteBatch`]es and
 //! the query layer reads runs, processes and events. SQLite is the embedded
 //! default; other backends implement the same [`Store`] trait and pass the
-//! same conformance suite (`tests/storage_conformance.rs`).
+//! same conformance suite (`tests/storage_conformance.rs`, planned with the
+//! ClickHouse backend).
 
 pub mod sqlite;
 

@@ -116,10 +116,6 @@ impl Store for SqliteStore {
         let mut c = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let tx = c.transaction()?;
         {
-            for (from, to_run) in &b.merges {
-                tx.execute("UPDATE business_events SET run_id = ?1 WHERE process = ?2 AND run_id = ?3", params![to_run, from.process, from.run_id])?;
-                tx.execute("DELETE FROM process_runs WHERE process = ?1 AND run_id = ?2", params![from.process, from.run_id])?;
-            }
             let mut ins = tx.prepare_cached(
                 "INSERT OR IGNORE INTO business_events (event_id, signal_id, process, run_id, time_ns, kind, name, value, text, payload, service, trace_id, span_id, attributes, resource)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
@@ -128,6 +124,11 @@ impl Store for SqliteStore {
                 ins.execute(params![
                     e.event_id, e.signal_id, e.process, e.run_id, e.time_ns, e.kind, e.name, e.value, e.text, e.payload, e.service, e.trace_id, e.span_id, e.attributes, e.resource
                 ])?;
+            }
+            // After the inserts, so nothing of a merged run stays behind under its trace id.
+            for (from, to_run) in &b.merges {
+                tx.execute("UPDATE business_events SET run_id = ?1 WHERE process = ?2 AND run_id = ?3", params![to_run, from.process, from.run_id])?;
+                tx.execute("DELETE FROM process_runs WHERE process = ?1 AND run_id = ?2", params![from.process, from.run_id])?;
             }
             let mut up = tx.prepare_cached(
                 "INSERT INTO process_runs (process, run_id, status, started_at_ns, last_seen_at_ns, ended_at_ns, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -138,7 +139,7 @@ impl Store for SqliteStore {
                 let state = serde_json::to_string(r).map_err(corrupt)?;
                 up.execute(params![r.process, r.run_id, r.status.as_str(), r.started_at_ns, r.last_seen_at_ns, r.ended_at_ns(), state])?;
             }
-            let mut al = tx.prepare_cached("INSERT OR REPLACE INTO run_aliases (process, trace_id, run_id) VALUES (?1, ?2, ?3)")?;
+            let mut al = tx.prepare_cached("INSERT OR IGNORE INTO run_aliases (process, trace_id, run_id) VALUES (?1, ?2, ?3)")?;
             for (p, t, r) in &b.aliases {
                 al.execute(params![p, t, r])?;
             }
