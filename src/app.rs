@@ -70,8 +70,10 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
 
     let tracker_shutdown = Arc::new(AtomicBool::new(false));
     let (st, exp, pipe, m, sd) = (store.clone(), config.processes.clone(), config.pipeline.clone(), metrics.clone(), tracker_shutdown.clone());
-    let (tracker, tracker_thread) =
-        tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, sd)).await.map_err(|e| StorageError::Unavailable(e.to_string()))??;
+    let observers: Vec<Arc<dyn crate::runs::tracker::Observer>> = Vec::new();
+    let (tracker, tracker_thread) = tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, observers, sd))
+        .await
+        .map_err(|e| StorageError::Unavailable(e.to_string()))??;
 
     let intake = Intake { classifier, tracker: tracker.clone(), metrics: metrics.clone() };
     let (stop, stop_rx) = watch::channel(false);

@@ -41,11 +41,23 @@ pub struct Outcome {
     pub duplicates: usize,
 }
 
-/// A change to a run, published after it is committed.
+/// A change to a run, published after it is committed: the run as it was
+/// before the commit (`None` for a new run) and as it is now.
 #[derive(Debug, Clone)]
 pub struct RunChange {
     pub key: RunKey,
-    pub status: RunStatus,
+    pub before: Option<Arc<ProcessRun>>,
+    pub after: Arc<ProcessRun>,
+}
+
+/// Something that must see every committed change, exactly once and in
+/// order (derived metrics, live views). Called on the tracker thread right
+/// after a commit succeeds, so it must be quick and must not block.
+pub trait Observer: Send + Sync {
+    /// `signals`: the new (non-duplicate) signals of the commit, each with
+    /// the run id it was filed under; `changes`: every run the commit changed;
+    /// `process_violations`: violations recorded on processes (no run).
+    fn committed(&self, signals: &[(&Signal, &str)], changes: &[RunChange], process_violations: &[(String, Violation)]);
 }
 
 struct Submission {
@@ -106,6 +118,7 @@ impl Clone for RunEntry {
 
 pub struct Tracker {
     store: Arc<dyn Store>,
+    observers: Vec<Arc<dyn Observer>>,
     expectations: BTreeMap<String, ProcessExpectations>,
     pipeline: PipelineConfig,
     metrics: Arc<SelfMetrics>,
@@ -122,6 +135,8 @@ pub struct Tracker {
 /// failed write leaves the tracker exactly as it was.
 #[derive(Default)]
 struct Work {
+    /// Indexes (submission, signal) of new signals and the run id they were filed under.
+    accepted: Vec<(usize, usize, String)>,
     dirty: HashMap<RunKey, RunEntry>,
     merged_away: HashSet<RunKey>,
     aliases: HashMap<(String, String), String>,
@@ -135,6 +150,7 @@ impl Tracker {
         expectations: BTreeMap<String, ProcessExpectations>,
         pipeline: PipelineConfig,
         metrics: Arc<SelfMetrics>,
+        observers: Vec<Arc<dyn Observer>>,
         shutdown: Arc<AtomicBool>,
     ) -> Result<(TrackerHandle, std::thread::JoinHandle<()>), StorageError> {
         let now = crate::now_ns();
@@ -159,6 +175,7 @@ impl Tracker {
         let tracker = Tracker {
             last_success: store.last_successes()?.into_iter().collect(),
             store,
+            observers,
             expectations,
             pipeline,
             metrics,
@@ -215,12 +232,15 @@ impl Tracker {
         let mut work = Work::default();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut result = Ok(());
-        'outer: for sub in &batch {
+        'outer: for (si, sub) in batch.iter().enumerate() {
             let mut o = Outcome::default();
-            for s in &sub.signals {
+            for (i, s) in sub.signals.iter().enumerate() {
                 match self.fold(s, now, &mut work) {
-                    Ok(true) => o.stored += 1,
-                    Ok(false) => o.duplicates += 1,
+                    Ok(Some(run_id)) => {
+                        o.stored += 1;
+                        work.accepted.push((si, i, run_id));
+                    }
+                    Ok(None) => o.duplicates += 1,
                     Err(e) => {
                         result = Err(e);
                         break 'outer;
@@ -246,8 +266,13 @@ impl Tracker {
                 SelfMetrics::add(&self.metrics.storage_commits, 1);
                 let dup: usize = outcomes.iter().map(|o| o.duplicates).sum();
                 SelfMetrics::add(&self.metrics.signals_duplicate, dup as u64);
+                let mut changes = Vec::with_capacity(work.dirty.len() + work.merged_away.len());
                 for key in &work.merged_away {
-                    self.runs.remove(key);
+                    // A trace-keyed run folded into a named one: observers see it end as merged (after == before).
+                    if let Some(old) = self.runs.remove(key) {
+                        let run = Arc::new(old.run);
+                        changes.push(RunChange { key: key.clone(), before: Some(run.clone()), after: run });
+                    }
                 }
                 self.aliases.extend(work.aliases);
                 for (key, e) in work.dirty {
@@ -256,8 +281,17 @@ impl Tracker {
                         let cur = self.last_success.entry(key.process.clone()).or_insert(end);
                         *cur = (*cur).max(end);
                     }
-                    let _ = self.changes.send(RunChange { key: key.clone(), status: e.run.status });
+                    let before = self.runs.get(&key).map(|b| Arc::new(b.run.clone()));
+                    changes.push(RunChange { key: key.clone(), before, after: Arc::new(e.run.clone()) });
                     self.runs.insert(key, e);
+                }
+                let signals: Vec<(&Signal, &str)> = work.accepted.iter().map(|(si, i, r)| (&batch[*si].signals[*i], r.as_str())).collect();
+                for o in &self.observers {
+                    o.committed(&signals, &changes, &[]);
+                }
+                drop(signals);
+                for c in changes {
+                    let _ = self.changes.send(c);
                 }
                 for (sub, o) in batch.into_iter().zip(outcomes) {
                     let _ = sub.ack.send(Ok(o));
@@ -273,16 +307,17 @@ impl Tracker {
         }
     }
 
-    /// Folds one signal into its run's working copy; `Ok(false)` for a duplicate.
-    fn fold(&mut self, s: &Signal, now: i64, work: &mut Work) -> Result<bool, StorageError> {
+    /// Folds one signal into its run's working copy; returns the run id it
+    /// was filed under, `None` for a duplicate.
+    fn fold(&mut self, s: &Signal, now: i64, work: &mut Work) -> Result<Option<String>, StorageError> {
         let key = self.route(s, work)?;
         let entry = self.entry(&key, work, now)?;
         if !entry.seen.insert(s.id) {
-            return Ok(false);
+            return Ok(None);
         }
         entry.run.apply(s, now);
         work.batch.events.extend(s.to_events(&key.run_id));
-        Ok(true)
+        Ok(Some(key.run_id))
     }
 
     /// Decides which run a signal belongs to, learning trace aliases and
@@ -422,12 +457,21 @@ impl Tracker {
                 *next = rule.next_after(now);
             }
         }
+        let mut changes = Vec::with_capacity(changed.len());
         for c in changed {
             let key = c.run.key();
-            let _ = self.changes.send(RunChange { key: key.clone(), status: c.run.status });
             if let Some(e) = self.runs.get_mut(&key) {
-                e.run = c.run;
+                let before = Arc::new(std::mem::replace(&mut e.run, c.run));
+                changes.push(RunChange { key, before: Some(before), after: Arc::new(e.run.clone()) });
             }
+        }
+        if !changes.is_empty() || !batch.process_violations.is_empty() {
+            for o in &self.observers {
+                o.committed(&[], &changes, &batch.process_violations);
+            }
+        }
+        for c in changes {
+            let _ = self.changes.send(c);
         }
         let keep = KEEP_ENDED.as_nanos() as i64;
         self.runs.retain(|_, e| !e.run.status.is_terminal() || now - e.run.last_received_at_ns < keep);
