@@ -110,12 +110,15 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     }));
 
     let ready = Arc::new(AtomicBool::new(true));
+    let events = crate::api::events::EventsIntake { intake: intake.clone(), limits: config.limits.clone(), retry_after: config.pipeline.retry_after };
     let api_router = api::router(ApiState {
         queries: Queries { store },
         metrics: metrics.clone(),
         ready: ready.clone(),
         trace_url_template: config.ui.trace_url_template.clone(),
         configured_processes: config.processes.keys().cloned().collect(),
+        tracker: tracker.clone(),
+        events,
     });
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {

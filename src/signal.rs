@@ -11,7 +11,7 @@ use std::fmt;
 pub enum SignalKind {
     Span,
     Log,
-    /// Reserved for plain-HTTP intake (planned `POST /api/v1/events`).
+    /// Plain-HTTP intake (`POST /api/v1/events`).
     Event,
 }
 

@@ -2,6 +2,7 @@
 //! Reads go through [`Queries`], one query layer over the store, so every
 //! surface shows the same thing.
 
+pub mod events;
 pub mod views;
 
 use crate::metrics::SelfMetrics;
@@ -66,7 +67,13 @@ pub struct ApiState {
     pub trace_url_template: Option<String>,
     /// Processes named in the config's expectations: listed even before their first run.
     pub configured_processes: Vec<String>,
+    /// Committed run changes, for the live stream.
+    pub tracker: crate::runs::tracker::TrackerHandle,
+    pub events: events::EventsIntake,
 }
+
+/// The live page: one self-contained HTML file compiled into the binary.
+const PAGE: &str = include_str!("page.html");
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -74,6 +81,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/runs", get(runs))
         .route("/api/v1/runs/{process}/{run_id}", get(run))
         .route("/api/v1/runs/{process}/{run_id}/events", get(run_events))
+        .route("/api/v1/events", axum::routing::post(events::post_event))
+        .route("/api/v1/stream", get(stream))
+        .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], PAGE) }))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -175,4 +185,20 @@ async fn run_events(State(s): State<ApiState>, Path((process, run_id)): Path<(St
         return Err(ApiError::NotFound(format!("no run {:?} of process {:?}", key.run_id, key.process)));
     }
     Ok(Json(json!({ "events": events.iter().map(views::event).collect::<Vec<_>>() })))
+}
+
+/// Server-Sent Events: one `run` event (a run summary) per committed change;
+/// `resync` when this client fell behind and should reload everything.
+async fn stream(State(s): State<ApiState>) -> axum::response::sse::Sse<impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt;
+    let rx = s.tracker.subscribe();
+    let hello = futures_util::stream::once(async { Ok(Event::default().event("hello").data("{}")) });
+    let changes = tokio_stream::wrappers::BroadcastStream::new(rx).map(|r| {
+        Ok(match r {
+            Ok(change) => Event::default().event("run").data(views::run_summary(&change.after, crate::now_ns()).to_string()),
+            Err(_) => Event::default().event("resync").data("{}"),
+        })
+    });
+    Sse::new(hello.chain(changes)).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct SelfMetrics {
     pub spans_received: AtomicU64,
     pub logs_received: AtomicU64,
+    pub events_received: AtomicU64,
     pub signals_classified: AtomicU64,
     pub records_discarded: AtomicU64,
     pub records_rejected: AtomicU64,
@@ -30,9 +31,10 @@ impl SelfMetrics {
     /// Prometheus text exposition (0.0.4).
     pub fn render_prometheus(&self) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
             ("bizsignal_spans_received_total", "Spans received over OTLP.", &self.spans_received),
             ("bizsignal_logs_received_total", "Log records received over OTLP.", &self.logs_received),
+            ("bizsignal_events_received_total", "Events received on POST /api/v1/events.", &self.events_received),
             ("bizsignal_signals_classified_total", "Records classified as business signals.", &self.signals_classified),
             ("bizsignal_records_discarded_total", "Records without business meaning, dropped after classification.", &self.records_discarded),
             ("bizsignal_records_rejected_total", "Business records rejected as invalid (partial success).", &self.records_rejected),
