@@ -345,7 +345,25 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
     use crate::classify::REJECT_REASONS;
     use std::sync::atomic::Ordering::Relaxed;
     type Getter = fn(&SelfMetrics) -> u64;
-    let counters: [(&'static str, &'static str, &'static str, Getter); 8] = [
+    let counters: [(&'static str, &'static str, &'static str, Getter); 11] = [
+        (
+            "bizsignal.requests.refused",
+            "{request}",
+            "Requests refused with a retryable status because the pipeline was full.",
+            |m| m.requests_refused_busy.load(Relaxed),
+        ),
+        (
+            "bizsignal.requests.invalid",
+            "{request}",
+            "Requests refused as undecodable or of an unknown content type.",
+            |m| m.requests_invalid.load(Relaxed),
+        ),
+        (
+            "bizsignal.requests.too_large",
+            "{request}",
+            "Requests refused as too large (before or after decompression).",
+            |m| m.requests_too_large.load(Relaxed),
+        ),
         (
             "bizsignal.spans.received",
             "{span}",
@@ -416,28 +434,6 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
                     &[KeyValue::new("reason", *r)],
                 );
             }
-        })
-        .build();
-    let mm = m.clone();
-    meter
-        .u64_observable_counter("bizsignal.requests.refused")
-        .with_unit("{request}")
-        .with_description(
-            "Requests refused, by reason (busy: retryable, pipeline full; invalid; too_large).",
-        )
-        .with_callback(move |o| {
-            o.observe(
-                mm.requests_refused_busy.load(Relaxed),
-                &[KeyValue::new("reason", "busy")],
-            );
-            o.observe(
-                mm.requests_invalid.load(Relaxed),
-                &[KeyValue::new("reason", "invalid")],
-            );
-            o.observe(
-                mm.requests_too_large.load(Relaxed),
-                &[KeyValue::new("reason", "too_large")],
-            );
         })
         .build();
     let mm = m.clone();
