@@ -198,11 +198,12 @@ impl BusinessMetrics {
         let open = |s: Option<RunStatus>| s.is_some_and(|s| !s.is_terminal()) as i64;
         let stalled = |s: Option<RunStatus>| (s == Some(RunStatus::Stalled)) as i64;
         let (da, ds) = (open(to) - open(from), stalled(to) - stalled(from));
-        if da == 0 && ds == 0 {
+        if da == 0 && ds == 0 && from.is_some() {
             return;
         }
         let attrs = [KeyValue::new(PROCESS, process.to_string())];
-        if da != 0 {
+        // A process's first run creates its active series even at 0, so "no active run" is visible.
+        if da != 0 || from.is_none() {
             self.active.i.add(da, self.active.budget.admit(&attrs));
         }
         if ds != 0 {

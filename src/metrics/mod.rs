@@ -62,7 +62,7 @@ impl SelfMetrics {
 /// The overflow attribute set every metric folds into past its budget.
 pub fn overflow_attributes() -> &'static [KeyValue] {
     static OVERFLOW: OnceLock<Vec<KeyValue>> = OnceLock::new();
-    OVERFLOW.get_or_init(|| vec![KeyValue::new("otel.metric.overflow", "true")])
+    OVERFLOW.get_or_init(|| vec![KeyValue::new("otel.metric.overflow", true)])
 }
 
 /// A per-metric cardinality budget: the first `limit` distinct attribute sets
