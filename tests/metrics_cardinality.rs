@@ -177,3 +177,134 @@ async fn exporter_failures_are_counted_and_never_block_intake() {
     }
     srv.stop().await;
 }
+
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    samples(text)
+        .into_iter()
+        .find(|(n, l, _)| n == name && *l == want)
+        .map(|x| x.2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resets_counters_and_reseeds_gauges_and_rejections_have_reasons() {
+    let mut srv = Server::start().await;
+    let rec = |run: &str, extra: Vec<(&'static str, serde_json::Value)>| {
+        let mut a = vec![
+            ("business.process.name", s("imp")),
+            ("business.run.id", s(run)),
+        ];
+        a.extend(extra);
+        logs_json("svc", &[(now(), "x", a)])
+    };
+    let (st, _) = srv
+        .post_json(
+            "/v1/logs",
+            &rec(
+                "open-1",
+                vec![
+                    ("business.run.status", s("started")),
+                    ("business.records.ok", n(5)),
+                ],
+            ),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = srv
+        .post_json(
+            "/v1/logs",
+            &rec("done-1", vec![("business.run.status", s("succeeded"))]),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, body) = srv
+        .post_json(
+            "/v1/logs",
+            &rec("bad", vec![("business.records.ok", s("lots"))]),
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert!(body.contains("rejected"), "{body}");
+    srv.wait_run("imp", "done-1", Duration::from_secs(5), |r| {
+        r["status"] == "succeeded"
+    })
+    .await;
+    let done = srv.run("imp", "done-1").await.unwrap();
+    let t = metrics_text(&srv).await;
+    let p = [("business_process_name", "imp")];
+    assert_eq!(
+        value(&t, "business_process_runs_started_total", &p),
+        Some(2.0)
+    );
+    assert_eq!(value(&t, "business_process_runs_active", &p), Some(1.0));
+    assert_eq!(
+        value(
+            &t,
+            "bizsignal_records_rejected_total",
+            &[("reason", "invalid_number")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &t,
+            "bizsignal_records_rejected_total",
+            &[("reason", "invalid_id")]
+        ),
+        Some(0.0)
+    );
+    let last = value(&t, "business_process_last_success_time_seconds", &p).unwrap();
+    let ended: jiff::Timestamp = done["ended_at"].as_str().unwrap().parse().unwrap();
+    assert!((last - ended.as_nanosecond() as f64 / 1e9).abs() < 1e-6);
+
+    srv.restart_with(|_| {}).await;
+    let t = metrics_text(&srv).await;
+    // Counters start again from zero (a counter reset); gauges are re-seeded.
+    assert_eq!(value(&t, "business_process_runs_started_total", &p), None);
+    assert_eq!(
+        value(
+            &t,
+            "business_process_records_total",
+            &[
+                ("business_process_name", "imp"),
+                ("business_records_outcome", "ok")
+            ]
+        ),
+        None
+    );
+    assert_eq!(value(&t, "business_process_runs_active", &p), Some(1.0));
+    assert_eq!(
+        value(&t, "business_process_last_success_time_seconds", &p),
+        Some(last)
+    );
+    // The open run ends after the restart: finished once, active back to 0, not started again.
+    let (st, _) = srv
+        .post_json(
+            "/v1/logs",
+            &rec("open-1", vec![("business.run.status", s("failed"))]),
+        )
+        .await;
+    assert_eq!(st, 200);
+    srv.wait_run("imp", "open-1", Duration::from_secs(5), |r| {
+        r["status"] == "failed"
+    })
+    .await;
+    let t = metrics_text(&srv).await;
+    assert_eq!(value(&t, "business_process_runs_active", &p), Some(0.0));
+    assert_eq!(value(&t, "business_process_runs_started_total", &p), None);
+    assert_eq!(
+        value(
+            &t,
+            "business_process_runs_finished_total",
+            &[
+                ("business_process_name", "imp"),
+                ("business_run_outcome", "failed")
+            ]
+        ),
+        Some(1.0)
+    );
+    srv.stop().await;
+}
