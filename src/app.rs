@@ -7,6 +7,7 @@
 use crate::api::{self, ApiState, Queries};
 use crate::classify::Classifier;
 use crate::config::{Config, StorageKind};
+use crate::metrics::export::MetricsPipeline;
 use crate::metrics::SelfMetrics;
 use crate::receivers::{grpc::GrpcReceiver, http::HttpReceiver, Intake};
 use crate::runs::tracker::{Tracker, TrackerHandle};
@@ -40,6 +41,8 @@ pub struct RunningApp {
     servers: Vec<JoinHandle<()>>,
     tracker_shutdown: Arc<AtomicBool>,
     tracker_thread: std::thread::JoinHandle<()>,
+    /// The metrics pipeline (OTLP export and `/metrics`).
+    pub exposition: Arc<MetricsPipeline>,
     shutdown_timeout: Duration,
     /// `/readyz` answers 503 once shutdown begins, so load balancers stop sending.
     ready: Arc<AtomicBool>,
@@ -68,9 +71,21 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let api_l = bind("API", config.server.http).await?;
     let (otlp_grpc, otlp_http, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap(), api_l.local_addr().unwrap());
 
+    let metrics_cfg = config.metrics.clone();
+    let (m, st) = (metrics.clone(), store.clone());
+    let exposition = tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+        let p = MetricsPipeline::build(&metrics_cfg, m).map_err(AppError::Config)?;
+        // Gauges restart from the state bizsignal restarts with.
+        p.business.seed(&st.load_open_runs()?, &st.last_successes()?);
+        Ok(p)
+    })
+    .await
+    .map_err(|e| StorageError::Unavailable(e.to_string()))??;
+    let exposition = Arc::new(exposition);
+
     let tracker_shutdown = Arc::new(AtomicBool::new(false));
     let (st, exp, pipe, m, sd) = (store.clone(), config.processes.clone(), config.pipeline.clone(), metrics.clone(), tracker_shutdown.clone());
-    let observers: Vec<Arc<dyn crate::runs::tracker::Observer>> = Vec::new();
+    let observers: Vec<Arc<dyn crate::runs::tracker::Observer>> = vec![exposition.business.clone()];
     let (tracker, tracker_thread) = tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, observers, sd))
         .await
         .map_err(|e| StorageError::Unavailable(e.to_string()))??;
@@ -114,6 +129,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let api_router = api::router(ApiState {
         queries: Queries { store },
         metrics: metrics.clone(),
+        exposition: exposition.clone(),
         ready: ready.clone(),
         trace_url_template: config.ui.trace_url_template.clone(),
         configured_processes: config.processes.keys().cloned().collect(),
@@ -138,6 +154,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         servers,
         tracker_shutdown,
         tracker_thread,
+        exposition,
         shutdown_timeout: config.pipeline.shutdown_timeout,
         ready,
     })
@@ -165,6 +182,12 @@ impl RunningApp {
         if tokio::time::timeout(self.shutdown_timeout, join).await.is_err() {
             tracing::warn!("the run tracker did not drain before the deadline");
             clean = false;
+        }
+        // A last OTLP export with the final values, then stop the readers.
+        let exposition = self.exposition.clone();
+        let flush = tokio::task::spawn_blocking(move || exposition.shutdown());
+        if tokio::time::timeout(self.shutdown_timeout, flush).await.is_err() {
+            tracing::warn!("the metrics exporter did not stop before the deadline");
         }
         tracing::info!(clean, "bizsignal stopped");
         clean

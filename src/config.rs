@@ -42,6 +42,8 @@ pub struct Config {
     /// Mapping rules that classify telemetry without `business.*` attributes.
     pub rules: Vec<RuleConfig>,
     pub ui: UiConfig,
+    /// Derived business metrics and self-metrics: OTLP export, budgets, user-defined metrics.
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             processes: BTreeMap::new(),
             rules: Vec::new(),
             ui: UiConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -178,6 +181,96 @@ pub enum StorageKind {
 pub struct SqliteConfig {
     /// Database file; default `<data_dir>/bizsignal.db`.
     pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// OTLP metrics export; off unless an endpoint is configured here or in
+    /// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp: OtlpMetricsConfig,
+    /// Default budget of attribute sets (series) per metric; more fold into
+    /// one `otel.metric.overflow="true"` series.
+    pub cardinality_limit: usize,
+    /// Metrics defined by the user over business facts and attributes.
+    pub user_defined: Vec<UserMetricConfig>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            otlp: OtlpMetricsConfig::default(),
+            cardinality_limit: 2000,
+            user_defined: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpMetricsConfig {
+    /// gRPC: `http://collector:4317`; HTTP: `http://collector:4318` (`/v1/metrics` is appended).
+    pub endpoint: Option<String>,
+    /// `grpc` or `http` (HTTP/protobuf); default from `OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`, else `grpc`.
+    pub protocol: Option<OtlpProtocol>,
+    /// Extra headers (gRPC metadata), e.g. an API key.
+    pub headers: BTreeMap<String, String>,
+    /// Export interval; default from `OTEL_METRIC_EXPORT_INTERVAL`, else 60s.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub interval: Option<Duration>,
+    /// Export timeout; default from `OTEL_EXPORTER_OTLP_(METRICS_)TIMEOUT`, else 10s.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub timeout: Option<Duration>,
+    /// `cumulative` or `delta`; default from
+    /// `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`, else `cumulative`.
+    pub temporality: Option<TemporalityConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    Grpc,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemporalityConfig {
+    Cumulative,
+    Delta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstrumentKind {
+    Counter,
+    Histogram,
+    Gauge,
+}
+
+/// One user-defined metric.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserMetricConfig {
+    /// OTel metric name, e.g. `orders.amount`.
+    pub name: String,
+    pub instrument: InstrumentKind,
+    /// `business.records.<outcome>`, `business.value.<name>`, or any other
+    /// attribute key holding a number.
+    pub source: String,
+    #[serde(default)]
+    pub unit: String,
+    #[serde(default)]
+    pub description: String,
+    /// Only signals of this process; default all.
+    #[serde(default)]
+    pub process: Option<String>,
+    /// Allow-list of attribute keys copied onto the metric (record, then resource attributes).
+    #[serde(default)]
+    pub dimensions: Vec<String>,
+    /// Series budget for this metric; default `metrics.cardinality_limit`.
+    #[serde(default)]
+    pub cardinality_limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -307,6 +400,7 @@ impl Config {
             crate::classify::rules::Rule::compile(rule)
                 .map_err(|(path, reason)| ConfigError::at(file, format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }), reason))?;
         }
+        crate::metrics::user::validate(&self.metrics).map_err(|(path, reason)| ConfigError::at(file, path, reason))?;
         if let Some(t) = &self.ui.trace_url_template {
             if !t.contains("{trace_id}") {
                 return Err(ConfigError::at(file, "ui.trace_url_template", "must contain {trace_id}"));

@@ -34,7 +34,7 @@ fn every_example_config_passes_check_config() {
 fn every_yaml_example_in_the_docs_passes_check_config() {
     let dir = tempfile::tempdir().unwrap();
     let mut n = 0;
-    for doc in ["docs/configuration.md", "README.md"] {
+    for doc in ["docs/configuration.md", "docs/metrics.md", "README.md"] {
         let text = std::fs::read_to_string(root().join(doc)).unwrap();
         let mut rest = text.as_str();
         while let Some(start) = rest.find("```yaml\n") {
@@ -66,6 +66,14 @@ fn broken_config_files_name_the_file_key_and_reason() {
         ("processes:\n  imp:\n    deadline: { time: '06:00', timezone: Mars/Base }\n", "processes.imp.deadline: unknown IANA time zone"),
         ("rules:\n  - name: r\n    match: { span_name: { regex: '(' } }\n    set: { process: p }\n", "rules[0].match.span_name: invalid regex"),
         ("rules:\n  - name: r\n    set: { process: { from: nowhere } }\n", "rules[0].set.process: unknown source"),
+        ("metrics:\n  cardinality_limit: 0\n", "metrics.cardinality_limit: must be from 1"),
+        ("metrics:\n  otlp: { endpoint: 'collector:4317' }\n", "metrics.otlp.endpoint: must be an http"),
+        ("metrics:\n  otlp: { temporality: sometimes }\n", "metrics.otlp.temporality: unknown variant"),
+        ("metrics:\n  user_defined:\n    - { name: x, instrument: counter, source: business.records. }\n", "metrics.user_defined[0].source: business.records. needs an outcome"),
+        ("metrics:\n  user_defined:\n    - { name: x, instrument: meter, source: a }\n", "metrics.user_defined[0].instrument: unknown variant"),
+        ("metrics:\n  user_defined:\n    - { name: business.process.x, instrument: gauge, source: a }\n", "metrics.user_defined[0].name: business.process.*"),
+        ("metrics:\n  user_defined:\n    - { name: x, instrument: gauge, source: a, dimensions: [tier, business.run.id] }\n", "metrics.user_defined[0].dimensions[1]: run and trace ids"),
+        ("metrics:\n  user_defined:\n    - { name: x.y, instrument: gauge, source: a }\n    - { name: x_y, instrument: counter, source: b }\n", "metrics.user_defined[1].name: another user-defined metric"),
         ("limits:\n  max_request_bytes: 12 parsecs\n", "limits.max_request_bytes: unknown size unit"),
         ("data_dir: ${env:BIZSIGNAL_SURELY_UNSET_VAR}\n", "data_dir: environment variable BIZSIGNAL_SURELY_UNSET_VAR is not set"),
         ("storage:\n  kind: mongodb\n", "storage.kind: unknown variant `mongodb`"),

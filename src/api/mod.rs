@@ -63,6 +63,8 @@ impl Queries {
 pub struct ApiState {
     pub queries: Queries,
     pub metrics: Arc<SelfMetrics>,
+    /// Business and self-metrics for `GET /metrics`.
+    pub exposition: Arc<crate::metrics::export::MetricsPipeline>,
     pub ready: Arc<AtomicBool>,
     pub trace_url_template: Option<String>,
     /// Processes named in the config's expectations: listed even before their first run.
@@ -98,8 +100,12 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<ApiState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render_prometheus()).into_response()
+/// Prometheus text format, or OpenMetrics when the `Accept` header asks for it.
+async fn metrics(State(s): State<ApiState>, headers: axum::http::HeaderMap) -> Response {
+    use crate::metrics::prometheus::{wants_openmetrics, OPENMETRICS, TEXT};
+    let om = wants_openmetrics(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let body = s.exposition.render(om);
+    ([(header::CONTENT_TYPE, if om { OPENMETRICS } else { TEXT })], body).into_response()
 }
 
 async fn processes(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {

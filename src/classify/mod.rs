@@ -37,11 +37,35 @@ pub struct Classified {
     /// Records rejected as invalid, with the first reasons.
     pub rejected: u64,
     pub reasons: Vec<String>,
+    /// Rejections per reason code, indexed like [`REJECT_REASONS`].
+    pub rejected_by_reason: [u64; REJECT_REASONS.len()],
+}
+
+/// The bounded set of rejection reason codes (a metric attribute).
+pub const REJECT_REASONS: [&str; 6] = ["invalid_number", "invalid_id", "invalid_payload", "too_many_attributes", "invalid_timestamp", "invalid_value"];
+
+/// The reason code of a rejection message produced by this module.
+pub fn reason_code(reason: &str) -> usize {
+    let code = if reason.contains("attributes exceed the limit") {
+        "too_many_attributes"
+    } else if reason.contains("must be a number") || reason.contains("must be a finite number") || reason.contains("must not be negative") {
+        "invalid_number"
+    } else if reason.starts_with(PAYLOAD) {
+        "invalid_payload"
+    } else if reason.starts_with(RUN_ID) || reason.starts_with("trace id") || reason.starts_with("span id") || reason.starts_with("no business.run.id") {
+        "invalid_id"
+    } else if reason.contains("timestamp") {
+        "invalid_timestamp"
+    } else {
+        "invalid_value"
+    };
+    REJECT_REASONS.iter().position(|r| *r == code).unwrap_or(REJECT_REASONS.len() - 1)
 }
 
 impl Classified {
-    fn reject(&mut self, reason: String) {
+    fn reject(&mut self, code: usize, reason: String) {
         self.rejected += 1;
+        self.rejected_by_reason[code] += 1;
         // Keep the message bounded: the first few reasons tell the story.
         if self.reasons.len() < 5 {
             self.reasons.push(reason);
@@ -156,14 +180,14 @@ impl Classifier {
                 out.discarded += 1;
                 return;
             }
-            Err(reason) => return out.reject(format!("{}: {reason}", what())),
+            Err(reason) => return out.reject(reason_code(&reason), format!("{}: {reason}", what())),
         };
         if let Err(reason) = check_ids(&span.trace_id, &span.span_id, &draft.run_id) {
-            return out.reject(format!("{}: {reason}", what()));
+            return out.reject(reason_code(&reason), format!("{}: {reason}", what()));
         }
         let (start, end) = match (to_ns(span.start_time_unix_nano, now_ns), to_ns(span.end_time_unix_nano, now_ns)) {
             (Ok(s), Ok(e)) => (s, e.max(s)),
-            _ => return out.reject(format!("{}: timestamp out of range", what())),
+            _ => return out.reject(reason_code("timestamp"), format!("{}: timestamp out of range", what())),
         };
         let status = span.status.as_ref();
         let failed = status.is_some_and(|s| s.code == StatusCode::Error as i32);
@@ -210,14 +234,14 @@ impl Classifier {
                 out.discarded += 1;
                 return;
             }
-            Err(reason) => return out.reject(format!("{}: {reason}", what())),
+            Err(reason) => return out.reject(reason_code(&reason), format!("{}: {reason}", what())),
         };
         if let Err(reason) = check_ids(&log.trace_id, &log.span_id, &draft.run_id) {
-            return out.reject(format!("{}: {reason}", what()));
+            return out.reject(reason_code(&reason), format!("{}: {reason}", what()));
         }
         let t = if log.time_unix_nano != 0 { log.time_unix_nano } else { log.observed_time_unix_nano };
         let Ok(time) = to_ns(t, now_ns) else {
-            return out.reject(format!("{}: timestamp out of range", what()));
+            return out.reject(reason_code("timestamp"), format!("{}: timestamp out of range", what()));
         };
         let body = log.body.as_ref().map(any_to_string).unwrap_or_default();
         // A failed status on a log takes the body as the error when nothing better is given.

@@ -1,9 +1,25 @@
-//! Self-metrics (`bizsignal.*`): what came in, what was kept, what was
-//! refused. Plain atomics on the hot path; rendered for Prometheus on
-//! `GET /metrics`. No label here ever carries a run id.
+//! Metrics. Two kinds, two exits:
+//!
+//! - self-metrics (`bizsignal.*`): what came in, what was kept, what was
+//!   refused. Plain atomics on the hot path ([`SelfMetrics`]), read by
+//!   observable instruments at collection time;
+//! - business metrics (`business.process.*` and user-defined ones), derived
+//!   in-process from the tracker's committed changes ([`business`], [`user`]).
+//!
+//! Both go through one OpenTelemetry `SdkMeterProvider` ([`export`]) and leave
+//! over OTLP (optional) and on `GET /metrics` ([`prometheus`]). No attribute
+//! ever carries a run id. The catalogue is docs/metrics.md.
 
-use std::fmt::Write as _;
+pub mod business;
+pub mod export;
+pub mod prometheus;
+pub mod user;
+
+use crate::classify::REJECT_REASONS;
+use opentelemetry::KeyValue;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
 
 #[derive(Debug, Default)]
 pub struct SelfMetrics {
@@ -13,6 +29,8 @@ pub struct SelfMetrics {
     pub signals_classified: AtomicU64,
     pub records_discarded: AtomicU64,
     pub records_rejected: AtomicU64,
+    /// Per reason code, indexed like [`REJECT_REASONS`].
+    pub rejected_by_reason: [AtomicU64; REJECT_REASONS.len()],
     pub signals_duplicate: AtomicU64,
     pub requests_refused_busy: AtomicU64,
     pub requests_invalid: AtomicU64,
@@ -21,6 +39,10 @@ pub struct SelfMetrics {
     pub storage_failures: AtomicU64,
     pub storage_commit_nanos: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// OTLP metric exports that failed.
+    pub export_failures: AtomicU64,
+    /// Storage write latency histogram, set once the meter provider exists.
+    pub storage_write_seconds: OnceLock<opentelemetry::metrics::Histogram<f64>>,
 }
 
 impl SelfMetrics {
@@ -28,36 +50,70 @@ impl SelfMetrics {
         c.fetch_add(n, Relaxed);
     }
 
-    /// Prometheus text exposition (0.0.4).
-    pub fn render_prometheus(&self) -> String {
-        let mut s = String::new();
-        let counters: [(&str, &str, &AtomicU64); 12] = [
-            ("bizsignal_spans_received_total", "Spans received over OTLP.", &self.spans_received),
-            ("bizsignal_logs_received_total", "Log records received over OTLP.", &self.logs_received),
-            ("bizsignal_events_received_total", "Events received on POST /api/v1/events.", &self.events_received),
-            ("bizsignal_signals_classified_total", "Records classified as business signals.", &self.signals_classified),
-            ("bizsignal_records_discarded_total", "Records without business meaning, dropped after classification.", &self.records_discarded),
-            ("bizsignal_records_rejected_total", "Business records rejected as invalid (partial success).", &self.records_rejected),
-            ("bizsignal_signals_duplicate_total", "Signals delivered again and ignored.", &self.signals_duplicate),
-            ("bizsignal_requests_refused_total", "Requests refused with a retryable status because the pipeline was full.", &self.requests_refused_busy),
-            ("bizsignal_requests_invalid_total", "Requests refused as undecodable or of an unknown content type.", &self.requests_invalid),
-            ("bizsignal_requests_too_large_total", "Requests refused as too large (before or after decompression).", &self.requests_too_large),
-            ("bizsignal_storage_commits_total", "Batches committed to storage.", &self.storage_commits),
-            ("bizsignal_storage_failures_total", "Storage commits that failed.", &self.storage_failures),
-        ];
-        for (name, help, v) in counters {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+    /// Records one storage write of `secs` seconds.
+    pub fn storage_write(&self, secs: f64) {
+        self.storage_commit_nanos
+            .fetch_add((secs * 1e9) as u64, Relaxed);
+        if let Some(h) = self.storage_write_seconds.get() {
+            h.record(secs, &[]);
         }
-        let secs = self.storage_commit_nanos.load(Relaxed) as f64 / 1e9;
-        let _ = writeln!(
-            s,
-            "# HELP bizsignal_storage_commit_seconds_total Time spent committing to storage.\n# TYPE bizsignal_storage_commit_seconds_total counter\nbizsignal_storage_commit_seconds_total {secs}"
-        );
-        let _ = writeln!(
-            s,
-            "# HELP bizsignal_queue_depth Batches waiting for the run tracker.\n# TYPE bizsignal_queue_depth gauge\nbizsignal_queue_depth {}",
-            self.queue_depth.load(Relaxed)
-        );
-        s
     }
+}
+
+/// The overflow attribute set every metric folds into past its budget.
+pub fn overflow_attributes() -> &'static [KeyValue] {
+    static OVERFLOW: OnceLock<Vec<KeyValue>> = OnceLock::new();
+    OVERFLOW.get_or_init(|| vec![KeyValue::new("otel.metric.overflow", true)])
+}
+
+/// A per-metric cardinality budget: the first `limit` distinct attribute sets
+/// are kept; later ones are recorded on the overflow series and counted.
+/// Admitted sets are remembered for the life of the process, so a series
+/// never moves between its own and the overflow series.
+#[derive(Debug)]
+pub struct Budget {
+    pub metric: String,
+    limit: usize,
+    seen: Mutex<HashSet<u64>>,
+    /// Measurements folded into the overflow series.
+    pub overflowed: AtomicU64,
+}
+
+impl Budget {
+    pub fn new(metric: impl Into<String>, limit: usize) -> Self {
+        Budget {
+            metric: metric.into(),
+            limit,
+            seen: Mutex::new(HashSet::new()),
+            overflowed: AtomicU64::new(0),
+        }
+    }
+
+    /// The attribute set to record under: `attrs`, or the overflow set.
+    pub fn admit<'a>(&self, attrs: &'a [KeyValue]) -> &'a [KeyValue] {
+        let h = attrs_hash(attrs);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&h) {
+            return attrs;
+        }
+        if seen.len() < self.limit {
+            seen.insert(h);
+            return attrs;
+        }
+        self.overflowed.fetch_add(1, Relaxed);
+        overflow_attributes()
+    }
+}
+
+fn attrs_hash(attrs: &[KeyValue]) -> u64 {
+    let mut sorted: Vec<&KeyValue> = attrs.iter().collect();
+    sorted.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for kv in sorted {
+        h.update(kv.key.as_str().as_bytes());
+        h.update(&[0xff]);
+        h.update(kv.value.as_str().as_bytes());
+        h.update(&[0xfe]);
+    }
+    h.digest()
 }

@@ -46,6 +46,11 @@ impl Intake {
     pub async fn submit(&self, c: Classified) -> Result<Accepted, SubmitError> {
         SelfMetrics::add(&self.metrics.records_discarded, c.discarded);
         SelfMetrics::add(&self.metrics.records_rejected, c.rejected);
+        for (counter, n) in self.metrics.rejected_by_reason.iter().zip(c.rejected_by_reason) {
+            if n > 0 {
+                SelfMetrics::add(counter, n);
+            }
+        }
         SelfMetrics::add(&self.metrics.signals_classified, c.signals.len() as u64);
         let message = c.rejection_message();
         if c.rejected > 0 {

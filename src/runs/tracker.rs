@@ -139,6 +139,9 @@ struct Work {
     accepted: Vec<(usize, usize, String)>,
     dirty: HashMap<RunKey, RunEntry>,
     merged_away: HashSet<RunKey>,
+    /// Runs loaded from storage (not in memory) by this commit, as they were:
+    /// the `before` observers see, so a reloaded run is not mistaken for a new one.
+    loaded: HashMap<RunKey, ProcessRun>,
     aliases: HashMap<(String, String), String>,
     batch: WriteBatch,
 }
@@ -259,7 +262,7 @@ impl Tracker {
             work.batch.runs = work.dirty.values().map(|e| e.run.clone()).collect();
             let started = Instant::now();
             result = self.store.write(&work.batch);
-            self.metrics.storage_commit_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.metrics.storage_write(started.elapsed().as_secs_f64());
         }
         match result {
             Ok(()) => {
@@ -281,7 +284,7 @@ impl Tracker {
                         let cur = self.last_success.entry(key.process.clone()).or_insert(end);
                         *cur = (*cur).max(end);
                     }
-                    let before = self.runs.get(&key).map(|b| Arc::new(b.run.clone()));
+                    let before = self.runs.get(&key).map(|b| Arc::new(b.run.clone())).or_else(|| work.loaded.remove(&key).map(Arc::new));
                     changes.push(RunChange { key: key.clone(), before, after: Arc::new(e.run.clone()) });
                     self.runs.insert(key, e);
                 }
@@ -372,7 +375,10 @@ impl Tracker {
             let e = match self.runs.get(key) {
                 Some(e) => e.clone(),
                 None => match self.load(key)? {
-                    Some(e) => e,
+                    Some(e) => {
+                        work.loaded.insert(key.clone(), e.run.clone());
+                        e
+                    }
                     None => RunEntry { run: ProcessRun::new(key, now), seen: HashSet::new() },
                 },
             };
@@ -443,7 +449,10 @@ impl Tracker {
         }
         batch.runs = changed.iter().map(|e| e.run.clone()).collect();
         if !batch.is_empty() {
-            if let Err(e) = self.store.write(&batch) {
+            let started = Instant::now();
+            let written = self.store.write(&batch);
+            self.metrics.storage_write(started.elapsed().as_secs_f64());
+            if let Err(e) = written {
                 SelfMetrics::add(&self.metrics.storage_failures, 1);
                 tracing::warn!(error = %e, "storage write of expectation checks failed; will retry next tick");
                 return;
