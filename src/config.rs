@@ -15,7 +15,11 @@ pub enum ConfigError {
     #[error("{file}: cannot read: {reason}")]
     Read { file: String, reason: String },
     #[error("{file}: {path}: {reason}")]
-    Invalid { file: String, path: String, reason: String },
+    Invalid {
+        file: String,
+        path: String,
+        reason: String,
+    },
 }
 
 impl ConfigError {
@@ -23,7 +27,11 @@ impl ConfigError {
         let path = path.into();
         ConfigError::Invalid {
             file: file.to_string(),
-            path: if path.is_empty() { "(top level)".into() } else { path },
+            path: if path.is_empty() {
+                "(top level)".into()
+            } else {
+                path
+            },
             reason: reason.into(),
         }
     }
@@ -156,14 +164,20 @@ impl Default for PipelineConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// `sqlite` (embedded default).
+    /// `sqlite` (embedded default) or `clickhouse`.
     pub kind: StorageKind,
     pub sqlite: SqliteConfig,
+    /// Used when `kind: clickhouse`.
+    pub clickhouse: ClickHouseConfig,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { kind: StorageKind::Sqlite, sqlite: SqliteConfig::default() }
+        StorageConfig {
+            kind: StorageKind::Sqlite,
+            sqlite: SqliteConfig::default(),
+            clickhouse: ClickHouseConfig::default(),
+        }
     }
 }
 
@@ -171,6 +185,89 @@ impl Default for StorageConfig {
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
     Sqlite,
+    Clickhouse,
+}
+
+/// ClickHouse over HTTP (RowBinary, LZ4). See docs/storage.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// `http://host:8123` (plain HTTP; put TLS in front with a proxy).
+    pub url: String,
+    /// Database for bizsignal's tables; created if missing.
+    pub database: String,
+    pub user: String,
+    /// Password, usually `${env:CLICKHOUSE_PASSWORD}`.
+    pub password: Option<String>,
+    /// File whose first line is the password (alternative to `password`).
+    pub password_file: Option<PathBuf>,
+    /// Cluster name: `ON CLUSTER` DDL, `Replicated*` engines, `Distributed` tables.
+    pub cluster: Option<String>,
+    /// Days of events to keep (0 = forever).
+    pub ttl_days: u32,
+    /// LZ4 compression of requests and responses.
+    pub compression: bool,
+    /// Rows per insert (per table).
+    pub batch_max_rows: usize,
+    /// Longest a row waits before its batch is sent.
+    #[serde(deserialize_with = "de_duration")]
+    pub batch_max_wait: Duration,
+    /// Use ClickHouse's server-side async inserts (`async_insert=1`,
+    /// `wait_for_async_insert=1`); off by default because bizsignal batches itself.
+    pub async_insert: bool,
+    /// Timeout of one request.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+    /// Longest pause between retries of a failed insert.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_backoff: Duration,
+    /// Largest on-disk spool (signals waiting for ClickHouse); when full,
+    /// receivers answer with retryable statuses.
+    #[serde(deserialize_with = "de_bytes")]
+    pub spool_max_bytes: usize,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://localhost:8123".into(),
+            database: "bizsignal".into(),
+            user: "default".into(),
+            password: None,
+            password_file: None,
+            cluster: None,
+            ttl_days: 90,
+            compression: true,
+            batch_max_rows: 10_000,
+            batch_max_wait: Duration::from_secs(1),
+            async_insert: false,
+            request_timeout: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(30),
+            spool_max_bytes: 1 << 30,
+        }
+    }
+}
+
+impl ClickHouseConfig {
+    /// The password from `password` or `password_file`.
+    pub fn resolve_password(&self) -> Result<String, String> {
+        match (&self.password, &self.password_file) {
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map(|s| s.lines().next().unwrap_or("").to_string())
+                .map_err(|e| format!("cannot read password file {}: {e}", f.display())),
+            (None, None) => Ok(String::new()),
+            (Some(_), Some(_)) => Err("give password or password_file, not both".into()),
+        }
+    }
+}
+
+/// ClickHouse database and cluster names are spliced into DDL, so they must be plain identifiers.
+pub fn valid_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 128
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -229,8 +326,10 @@ impl Config {
     /// Loads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { file: file.clone(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
         Self::from_yaml(&text, &file)
     }
 
@@ -240,7 +339,10 @@ impl Config {
             serde_norway::Value::Mapping(Default::default())
         } else {
             serde_norway::from_str(text).map_err(|e| {
-                let loc = e.location().map(|l| format!("line {} column {}", l.line(), l.column())).unwrap_or_default();
+                let loc = e
+                    .location()
+                    .map(|l| format!("line {} column {}", l.line(), l.column()))
+                    .unwrap_or_default();
                 ConfigError::at(file, loc, format!("not valid YAML: {e}"))
             })?
         };
@@ -260,30 +362,59 @@ impl Config {
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let l = &self.limits;
         if l.max_request_bytes == 0 || l.max_decompressed_bytes == 0 {
-            return Err(ConfigError::at(file, "limits", "request size limits must be greater than zero"));
+            return Err(ConfigError::at(
+                file,
+                "limits",
+                "request size limits must be greater than zero",
+            ));
         }
         if l.max_decompressed_bytes < l.max_request_bytes {
-            return Err(ConfigError::at(file, "limits.max_decompressed_bytes", "must be at least limits.max_request_bytes"));
+            return Err(ConfigError::at(
+                file,
+                "limits.max_decompressed_bytes",
+                "must be at least limits.max_request_bytes",
+            ));
         }
         if !(l.max_number.is_finite() && l.max_number > 0.0) {
-            return Err(ConfigError::at(file, "limits.max_number", "must be a positive finite number"));
+            return Err(ConfigError::at(
+                file,
+                "limits.max_number",
+                "must be a positive finite number",
+            ));
         }
         if self.pipeline.queue_capacity == 0 {
-            return Err(ConfigError::at(file, "pipeline.queue_capacity", "must be greater than zero"));
+            return Err(ConfigError::at(
+                file,
+                "pipeline.queue_capacity",
+                "must be greater than zero",
+            ));
         }
         if self.pipeline.max_batches_per_commit == 0 {
-            return Err(ConfigError::at(file, "pipeline.max_batches_per_commit", "must be greater than zero"));
+            return Err(ConfigError::at(
+                file,
+                "pipeline.max_batches_per_commit",
+                "must be greater than zero",
+            ));
         }
         if self.pipeline.tick.is_zero() {
-            return Err(ConfigError::at(file, "pipeline.tick", "must be greater than zero"));
+            return Err(ConfigError::at(
+                file,
+                "pipeline.tick",
+                "must be greater than zero",
+            ));
         }
         for (name, exp) in &self.processes {
             let base = format!("processes.{name}");
             if name.is_empty() || name.len() > l.max_name_length {
-                return Err(ConfigError::at(file, base, "process name must be 1..=max_name_length characters"));
+                return Err(ConfigError::at(
+                    file,
+                    base,
+                    "process name must be 1..=max_name_length characters",
+                ));
             }
             if let Some(d) = &exp.deadline {
-                crate::runs::expect::DeadlineRule::parse(d).map_err(|r| ConfigError::at(file, format!("{base}.deadline"), r))?;
+                crate::runs::expect::DeadlineRule::parse(d)
+                    .map_err(|r| ConfigError::at(file, format!("{base}.deadline"), r))?;
             }
             for (outcome, b) in &exp.expected_records {
                 let p = format!("{base}.expected_records.{outcome}");
@@ -292,37 +423,106 @@ impl Config {
                 }
                 if let (Some(min), Some(max)) = (b.min, b.max) {
                     if min > max {
-                        return Err(ConfigError::at(file, p, format!("min ({min}) is greater than max ({max})")));
+                        return Err(ConfigError::at(
+                            file,
+                            p,
+                            format!("min ({min}) is greater than max ({max})"),
+                        ));
                     }
                 }
             }
             if exp.stall_after.is_some_and(|d| d.is_zero()) {
-                return Err(ConfigError::at(file, format!("{base}.stall_after"), "must be greater than zero"));
+                return Err(ConfigError::at(
+                    file,
+                    format!("{base}.stall_after"),
+                    "must be greater than zero",
+                ));
             }
             if exp.max_duration.is_some_and(|d| d.is_zero()) {
-                return Err(ConfigError::at(file, format!("{base}.max_duration"), "must be greater than zero"));
+                return Err(ConfigError::at(
+                    file,
+                    format!("{base}.max_duration"),
+                    "must be greater than zero",
+                ));
             }
         }
         for (i, rule) in self.rules.iter().enumerate() {
-            crate::classify::rules::Rule::compile(rule)
-                .map_err(|(path, reason)| ConfigError::at(file, format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }), reason))?;
+            crate::classify::rules::Rule::compile(rule).map_err(|(path, reason)| {
+                ConfigError::at(
+                    file,
+                    format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }),
+                    reason,
+                )
+            })?;
+        }
+        if self.storage.kind == StorageKind::Clickhouse {
+            let ch = &self.storage.clickhouse;
+            let at =
+                |k: &str, r: String| ConfigError::at(file, format!("storage.clickhouse.{k}"), r);
+            if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+                return Err(at("url", format!("{:?} must start with http://", ch.url)));
+            }
+            if ch.url.starts_with("https://") {
+                return Err(at("url", "https is not built in; use http:// (e.g. behind a TLS proxy or on a private network)".into()));
+            }
+            if !valid_identifier(&ch.database) {
+                return Err(at(
+                    "database",
+                    format!(
+                        "{:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
+                        ch.database
+                    ),
+                ));
+            }
+            if let Some(c) = &ch.cluster {
+                if !valid_identifier(c) {
+                    return Err(at(
+                        "cluster",
+                        format!("{c:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)"),
+                    ));
+                }
+            }
+            if ch.password.is_some() && ch.password_file.is_some() {
+                return Err(at(
+                    "password_file",
+                    "give password or password_file, not both".into(),
+                ));
+            }
+            if ch.batch_max_rows == 0 {
+                return Err(at("batch_max_rows", "must be greater than zero".into()));
+            }
+            if ch.spool_max_bytes < 1 << 20 {
+                return Err(at("spool_max_bytes", "must be at least 1MiB".into()));
+            }
         }
         if let Some(t) = &self.ui.trace_url_template {
             if !t.contains("{trace_id}") {
-                return Err(ConfigError::at(file, "ui.trace_url_template", "must contain {trace_id}"));
+                return Err(ConfigError::at(
+                    file,
+                    "ui.trace_url_template",
+                    "must contain {trace_id}",
+                ));
             }
         }
         Ok(())
     }
 
     pub fn sqlite_path(&self) -> PathBuf {
-        self.storage.sqlite.path.clone().unwrap_or_else(|| self.data_dir.join("bizsignal.db"))
+        self.storage
+            .sqlite
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("bizsignal.db"))
     }
 }
 
 /// Expands `${env:NAME}` in every string; `$$` is a literal `$`. A scalar that
 /// is exactly one reference is re-read as YAML so `port: ${env:PORT}` stays a number.
-fn expand_env(v: &mut serde_norway::Value, path: &mut Vec<String>, file: &str) -> Result<(), ConfigError> {
+fn expand_env(
+    v: &mut serde_norway::Value,
+    path: &mut Vec<String>,
+    file: &str,
+) -> Result<(), ConfigError> {
     use serde_norway::Value;
     match v {
         Value::String(s) => {
@@ -375,7 +575,8 @@ fn expand_str(s: &str) -> Result<String, String> {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("invalid environment variable name {name:?}"));
             }
-            let val = std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
+            let val = std::env::var(name)
+                .map_err(|_| format!("environment variable {name} is not set"))?;
             out.push_str(&val);
             rest = &t[end + 1..];
         } else {
@@ -403,17 +604,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("empty duration".into());
     }
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| format!("duration {s:?} lacks a unit (ms, s, m, h, d)"))?;
-        let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("duration {s:?} lacks a unit (ms, s, m, h, d)"))?;
+        let n: f64 = rest[..num_end]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}"))?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let mult = match rest[..unit_end].trim() {
             "ms" => 0.001,
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
             "d" => 86400.0,
-            u => return Err(format!("unknown duration unit {u:?} in {s:?} (use ms, s, m, h, d)")),
+            u => {
+                return Err(format!(
+                    "unknown duration unit {u:?} in {s:?} (use ms, s, m, h, d)"
+                ))
+            }
         };
         total += n * mult;
         rest = &rest[unit_end..];
@@ -428,7 +639,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: u64 = s[..split].parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let n: u64 = s[..split]
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}"))?;
     let mult: u64 = match s[split..].trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -439,7 +652,9 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         "GB" => 1_000_000_000,
         u => return Err(format!("unknown size unit {u:?} (use B, KiB, MiB, GiB)")),
     };
-    n.checked_mul(mult).and_then(|v| usize::try_from(v).ok()).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 #[derive(Deserialize)]
@@ -496,19 +711,38 @@ mod tests {
         .unwrap();
         assert_eq!(c.server.http.port(), 9999);
         assert_eq!(c.pipeline.queue_capacity, 17);
-        let e = Config::from_yaml("data_dir: \"${env:BIZSIGNAL_NOT_SET_XYZ}\"\n", "t.yaml").unwrap_err().to_string();
-        assert!(e.contains("data_dir") && e.contains("BIZSIGNAL_NOT_SET_XYZ is not set"), "{e}");
+        let e = Config::from_yaml("data_dir: \"${env:BIZSIGNAL_NOT_SET_XYZ}\"\n", "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data_dir") && e.contains("BIZSIGNAL_NOT_SET_XYZ is not set"),
+            "{e}"
+        );
     }
 
     #[test]
     fn errors_name_the_key_path() {
-        let e = Config::from_yaml("processes:\n  imp:\n    stall_after: 5 parsecs\n", "c.yaml").unwrap_err().to_string();
+        let e = Config::from_yaml("processes:\n  imp:\n    stall_after: 5 parsecs\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("c.yaml: processes.imp.stall_after:"), "{e}");
-        let e = Config::from_yaml("server:\n  htp: 1\n", "c.yaml").unwrap_err().to_string();
-        assert!(e.contains("server") && e.contains("unknown field `htp`"), "{e}");
-        let e = Config::from_yaml("processes:\n  imp:\n    deadline: { time: '25:00' }\n", "c.yaml").unwrap_err().to_string();
+        let e = Config::from_yaml("server:\n  htp: 1\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server") && e.contains("unknown field `htp`"),
+            "{e}"
+        );
+        let e = Config::from_yaml(
+            "processes:\n  imp:\n    deadline: { time: '25:00' }\n",
+            "c.yaml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("processes.imp.deadline"), "{e}");
-        let e = Config::from_yaml("server: [", "c.yaml").unwrap_err().to_string();
+        let e = Config::from_yaml("server: [", "c.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not valid YAML"), "{e}");
     }
 }
