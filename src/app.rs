@@ -22,11 +22,7 @@ use tokio::task::JoinHandle;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Storage(#[from] StorageError),
     #[error("invalid configuration: {0}")]
@@ -51,12 +47,8 @@ pub struct RunningApp {
 
 pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let metrics = Arc::new(SelfMetrics::default());
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        StorageError::Unavailable(format!(
-            "cannot create data dir {}: {e}",
-            config.data_dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| StorageError::Unavailable(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
     let store: Arc<dyn Store> = match config.storage.kind {
         StorageKind::Sqlite => {
             let path = config.sqlite_path();
@@ -65,66 +57,40 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
                 .map_err(|e| StorageError::Unavailable(e.to_string()))??;
             Arc::new(store)
         }
-        StorageKind::Clickhouse => Arc::new(
-            crate::storage::clickhouse::ClickHouseStore::open(
-                &config.storage.clickhouse,
-                &config.data_dir,
-                metrics.clone(),
-            )
-            .await?,
-        ),
+        StorageKind::Clickhouse => {
+            Arc::new(crate::storage::clickhouse::ClickHouseStore::open(&config.storage.clickhouse, &config.data_dir, metrics.clone()).await?)
+        }
     };
-    let classifier =
-        Arc::new(Classifier::new(config.limits.clone(), &config.rules).map_err(AppError::Config)?);
+    let classifier = Arc::new(Classifier::new(config.limits.clone(), &config.rules).map_err(AppError::Config)?);
 
     let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Bind { what, addr, source })
+        TcpListener::bind(addr).await.map_err(|source| AppError::Bind { what, addr, source })
     };
     let grpc_l = bind("OTLP/gRPC", config.server.otlp_grpc).await?;
     let http_l = bind("OTLP/HTTP", config.server.otlp_http).await?;
     let api_l = bind("API", config.server.http).await?;
-    let (otlp_grpc, otlp_http, http) = (
-        grpc_l.local_addr().unwrap(),
-        http_l.local_addr().unwrap(),
-        api_l.local_addr().unwrap(),
-    );
+    let (otlp_grpc, otlp_http, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap(), api_l.local_addr().unwrap());
 
     let tracker_shutdown = Arc::new(AtomicBool::new(false));
-    let (st, exp, pipe, m, sd) = (
-        store.clone(),
-        config.processes.clone(),
-        config.pipeline.clone(),
-        metrics.clone(),
-        tracker_shutdown.clone(),
-    );
+    let (st, exp, pipe, m, sd) = (store.clone(), config.processes.clone(), config.pipeline.clone(), metrics.clone(), tracker_shutdown.clone());
     let observers: Vec<Arc<dyn crate::runs::tracker::Observer>> = Vec::new();
-    let (tracker, tracker_thread) =
-        tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, observers, sd))
-            .await
-            .map_err(|e| StorageError::Unavailable(e.to_string()))??;
+    let (tracker, tracker_thread) = tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, observers, sd))
+        .await
+        .map_err(|e| StorageError::Unavailable(e.to_string()))??;
 
-    let intake = Intake {
-        classifier,
-        tracker: tracker.clone(),
-        metrics: metrics.clone(),
-    };
+    let intake = Intake { classifier, tracker: tracker.clone(), metrics: metrics.clone() };
     let (stop, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut servers = Vec::new();
 
-    let grpc = GrpcReceiver::new(intake.clone(), config.pipeline.retry_after)
-        .router(config.limits.max_decompressed_bytes);
+    let grpc = GrpcReceiver::new(intake.clone(), config.pipeline.retry_after).router(config.limits.max_decompressed_bytes);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         let server = tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(
-                crate::receivers::grpc::invalid_argument_for_decode_errors,
-            ))
+            .layer(tower::util::MapResponseLayer::new(crate::receivers::grpc::invalid_argument_for_decode_errors))
             .add_routes(grpc)
             .serve_with_incoming_shutdown(incoming, stopped(rx));
         if let Err(e) = server.await {
@@ -141,10 +107,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     .router();
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_l, otlp_router)
-            .with_graceful_shutdown(stopped(rx))
-            .await
-        {
+        if let Err(e) = axum::serve(http_l, otlp_router).with_graceful_shutdown(stopped(rx)).await {
             tracing::error!(error = %e, "OTLP/HTTP server failed");
         }
     }));
@@ -159,10 +122,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     });
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(api_l, api_router)
-            .with_graceful_shutdown(stopped(rx))
-            .await
-        {
+        if let Err(e) = axum::serve(api_l, api_router).with_graceful_shutdown(stopped(rx)).await {
             tracing::error!(error = %e, "API server failed");
         }
     }));
@@ -192,10 +152,7 @@ impl RunningApp {
         let _ = self.stop.send(true);
         for s in self.servers {
             let abort = s.abort_handle();
-            if tokio::time::timeout(self.shutdown_timeout, s)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(self.shutdown_timeout, s).await.is_err() {
                 tracing::warn!("a server did not finish in-flight requests before the deadline");
                 abort.abort();
                 clean = false;
@@ -205,10 +162,7 @@ impl RunningApp {
         self.tracker_shutdown.store(true, Ordering::Release);
         drop(self.tracker);
         let join = tokio::task::spawn_blocking(move || self.tracker_thread.join());
-        if tokio::time::timeout(self.shutdown_timeout, join)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.shutdown_timeout, join).await.is_err() {
             tracing::warn!("the run tracker did not drain before the deadline");
             clean = false;
         }

@@ -15,11 +15,7 @@ pub enum ConfigError {
     #[error("{file}: cannot read: {reason}")]
     Read { file: String, reason: String },
     #[error("{file}: {path}: {reason}")]
-    Invalid {
-        file: String,
-        path: String,
-        reason: String,
-    },
+    Invalid { file: String, path: String, reason: String },
 }
 
 impl ConfigError {
@@ -27,11 +23,7 @@ impl ConfigError {
         let path = path.into();
         ConfigError::Invalid {
             file: file.to_string(),
-            path: if path.is_empty() {
-                "(top level)".into()
-            } else {
-                path
-            },
+            path: if path.is_empty() { "(top level)".into() } else { path },
             reason: reason.into(),
         }
     }
@@ -173,11 +165,7 @@ pub struct StorageConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig {
-            kind: StorageKind::Sqlite,
-            sqlite: SqliteConfig::default(),
-            clickhouse: ClickHouseConfig::default(),
-        }
+        StorageConfig { kind: StorageKind::Sqlite, sqlite: SqliteConfig::default(), clickhouse: ClickHouseConfig::default() }
     }
 }
 
@@ -326,10 +314,8 @@ impl Config {
     /// Loads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            file: file.clone(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { file: file.clone(), reason: e.to_string() })?;
         Self::from_yaml(&text, &file)
     }
 
@@ -339,10 +325,7 @@ impl Config {
             serde_norway::Value::Mapping(Default::default())
         } else {
             serde_norway::from_str(text).map_err(|e| {
-                let loc = e
-                    .location()
-                    .map(|l| format!("line {} column {}", l.line(), l.column()))
-                    .unwrap_or_default();
+                let loc = e.location().map(|l| format!("line {} column {}", l.line(), l.column())).unwrap_or_default();
                 ConfigError::at(file, loc, format!("not valid YAML: {e}"))
             })?
         };
@@ -362,59 +345,30 @@ impl Config {
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let l = &self.limits;
         if l.max_request_bytes == 0 || l.max_decompressed_bytes == 0 {
-            return Err(ConfigError::at(
-                file,
-                "limits",
-                "request size limits must be greater than zero",
-            ));
+            return Err(ConfigError::at(file, "limits", "request size limits must be greater than zero"));
         }
         if l.max_decompressed_bytes < l.max_request_bytes {
-            return Err(ConfigError::at(
-                file,
-                "limits.max_decompressed_bytes",
-                "must be at least limits.max_request_bytes",
-            ));
+            return Err(ConfigError::at(file, "limits.max_decompressed_bytes", "must be at least limits.max_request_bytes"));
         }
         if !(l.max_number.is_finite() && l.max_number > 0.0) {
-            return Err(ConfigError::at(
-                file,
-                "limits.max_number",
-                "must be a positive finite number",
-            ));
+            return Err(ConfigError::at(file, "limits.max_number", "must be a positive finite number"));
         }
         if self.pipeline.queue_capacity == 0 {
-            return Err(ConfigError::at(
-                file,
-                "pipeline.queue_capacity",
-                "must be greater than zero",
-            ));
+            return Err(ConfigError::at(file, "pipeline.queue_capacity", "must be greater than zero"));
         }
         if self.pipeline.max_batches_per_commit == 0 {
-            return Err(ConfigError::at(
-                file,
-                "pipeline.max_batches_per_commit",
-                "must be greater than zero",
-            ));
+            return Err(ConfigError::at(file, "pipeline.max_batches_per_commit", "must be greater than zero"));
         }
         if self.pipeline.tick.is_zero() {
-            return Err(ConfigError::at(
-                file,
-                "pipeline.tick",
-                "must be greater than zero",
-            ));
+            return Err(ConfigError::at(file, "pipeline.tick", "must be greater than zero"));
         }
         for (name, exp) in &self.processes {
             let base = format!("processes.{name}");
             if name.is_empty() || name.len() > l.max_name_length {
-                return Err(ConfigError::at(
-                    file,
-                    base,
-                    "process name must be 1..=max_name_length characters",
-                ));
+                return Err(ConfigError::at(file, base, "process name must be 1..=max_name_length characters"));
             }
             if let Some(d) = &exp.deadline {
-                crate::runs::expect::DeadlineRule::parse(d)
-                    .map_err(|r| ConfigError::at(file, format!("{base}.deadline"), r))?;
+                crate::runs::expect::DeadlineRule::parse(d).map_err(|r| ConfigError::at(file, format!("{base}.deadline"), r))?;
             }
             for (outcome, b) in &exp.expected_records {
                 let p = format!("{base}.expected_records.{outcome}");
@@ -423,37 +377,20 @@ impl Config {
                 }
                 if let (Some(min), Some(max)) = (b.min, b.max) {
                     if min > max {
-                        return Err(ConfigError::at(
-                            file,
-                            p,
-                            format!("min ({min}) is greater than max ({max})"),
-                        ));
+                        return Err(ConfigError::at(file, p, format!("min ({min}) is greater than max ({max})")));
                     }
                 }
             }
             if exp.stall_after.is_some_and(|d| d.is_zero()) {
-                return Err(ConfigError::at(
-                    file,
-                    format!("{base}.stall_after"),
-                    "must be greater than zero",
-                ));
+                return Err(ConfigError::at(file, format!("{base}.stall_after"), "must be greater than zero"));
             }
             if exp.max_duration.is_some_and(|d| d.is_zero()) {
-                return Err(ConfigError::at(
-                    file,
-                    format!("{base}.max_duration"),
-                    "must be greater than zero",
-                ));
+                return Err(ConfigError::at(file, format!("{base}.max_duration"), "must be greater than zero"));
             }
         }
         for (i, rule) in self.rules.iter().enumerate() {
-            crate::classify::rules::Rule::compile(rule).map_err(|(path, reason)| {
-                ConfigError::at(
-                    file,
-                    format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }),
-                    reason,
-                )
-            })?;
+            crate::classify::rules::Rule::compile(rule)
+                .map_err(|(path, reason)| ConfigError::at(file, format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }), reason))?;
         }
         if self.storage.kind == StorageKind::Clickhouse {
             let ch = &self.storage.clickhouse;
@@ -497,32 +434,20 @@ impl Config {
         }
         if let Some(t) = &self.ui.trace_url_template {
             if !t.contains("{trace_id}") {
-                return Err(ConfigError::at(
-                    file,
-                    "ui.trace_url_template",
-                    "must contain {trace_id}",
-                ));
+                return Err(ConfigError::at(file, "ui.trace_url_template", "must contain {trace_id}"));
             }
         }
         Ok(())
     }
 
     pub fn sqlite_path(&self) -> PathBuf {
-        self.storage
-            .sqlite
-            .path
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("bizsignal.db"))
+        self.storage.sqlite.path.clone().unwrap_or_else(|| self.data_dir.join("bizsignal.db"))
     }
 }
 
 /// Expands `${env:NAME}` in every string; `$$` is a literal `$`. A scalar that
 /// is exactly one reference is re-read as YAML so `port: ${env:PORT}` stays a number.
-fn expand_env(
-    v: &mut serde_norway::Value,
-    path: &mut Vec<String>,
-    file: &str,
-) -> Result<(), ConfigError> {
+fn expand_env(v: &mut serde_norway::Value, path: &mut Vec<String>, file: &str) -> Result<(), ConfigError> {
     use serde_norway::Value;
     match v {
         Value::String(s) => {
@@ -575,8 +500,7 @@ fn expand_str(s: &str) -> Result<String, String> {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("invalid environment variable name {name:?}"));
             }
-            let val = std::env::var(name)
-                .map_err(|_| format!("environment variable {name} is not set"))?;
+            let val = std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
             out.push_str(&val);
             rest = &t[end + 1..];
         } else {
@@ -604,27 +528,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("empty duration".into());
     }
     while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("duration {s:?} lacks a unit (ms, s, m, h, d)"))?;
-        let n: f64 = rest[..num_end]
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}"))?;
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| format!("duration {s:?} lacks a unit (ms, s, m, h, d)"))?;
+        let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
         rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let mult = match rest[..unit_end].trim() {
             "ms" => 0.001,
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
             "d" => 86400.0,
-            u => {
-                return Err(format!(
-                    "unknown duration unit {u:?} in {s:?} (use ms, s, m, h, d)"
-                ))
-            }
+            u => return Err(format!("unknown duration unit {u:?} in {s:?} (use ms, s, m, h, d)")),
         };
         total += n * mult;
         rest = &rest[unit_end..];
@@ -639,9 +553,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: u64 = s[..split]
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}"))?;
+    let n: u64 = s[..split].parse().map_err(|_| format!("invalid size {s:?}"))?;
     let mult: u64 = match s[split..].trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -652,9 +564,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         "GB" => 1_000_000_000,
         u => return Err(format!("unknown size unit {u:?} (use B, KiB, MiB, GiB)")),
     };
-    n.checked_mul(mult)
-        .and_then(|v| usize::try_from(v).ok())
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult).and_then(|v| usize::try_from(v).ok()).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 #[derive(Deserialize)]
@@ -711,38 +621,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.server.http.port(), 9999);
         assert_eq!(c.pipeline.queue_capacity, 17);
-        let e = Config::from_yaml("data_dir: \"${env:BIZSIGNAL_NOT_SET_XYZ}\"\n", "t.yaml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("data_dir") && e.contains("BIZSIGNAL_NOT_SET_XYZ is not set"),
-            "{e}"
-        );
+        let e = Config::from_yaml("data_dir: \"${env:BIZSIGNAL_NOT_SET_XYZ}\"\n", "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("data_dir") && e.contains("BIZSIGNAL_NOT_SET_XYZ is not set"), "{e}");
     }
 
     #[test]
     fn errors_name_the_key_path() {
-        let e = Config::from_yaml("processes:\n  imp:\n    stall_after: 5 parsecs\n", "c.yaml")
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_yaml("processes:\n  imp:\n    stall_after: 5 parsecs\n", "c.yaml").unwrap_err().to_string();
         assert!(e.starts_with("c.yaml: processes.imp.stall_after:"), "{e}");
-        let e = Config::from_yaml("server:\n  htp: 1\n", "c.yaml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("server") && e.contains("unknown field `htp`"),
-            "{e}"
-        );
-        let e = Config::from_yaml(
-            "processes:\n  imp:\n    deadline: { time: '25:00' }\n",
-            "c.yaml",
-        )
-        .unwrap_err()
-        .to_string();
+        let e = Config::from_yaml("server:\n  htp: 1\n", "c.yaml").unwrap_err().to_string();
+        assert!(e.contains("server") && e.contains("unknown field `htp`"), "{e}");
+        let e = Config::from_yaml("processes:\n  imp:\n    deadline: { time: '25:00' }\n", "c.yaml").unwrap_err().to_string();
         assert!(e.contains("processes.imp.deadline"), "{e}");
-        let e = Config::from_yaml("server: [", "c.yaml")
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_yaml("server: [", "c.yaml").unwrap_err().to_string();
         assert!(e.contains("not valid YAML"), "{e}");
     }
 }

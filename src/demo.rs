@@ -37,79 +37,37 @@ pub struct DemoOptions {
     pub run_suffix: Option<String>,
 }
 
-fn providers(
-    o: &DemoOptions,
-    service: &str,
-) -> Result<(SdkTracerProvider, SdkLoggerProvider), DemoError> {
-    let resource = Resource::builder()
-        .with_service_name(service.to_string())
-        .with_attribute(KeyValue::new("deployment.environment.name", "demo"))
-        .build();
+fn providers(o: &DemoOptions, service: &str) -> Result<(SdkTracerProvider, SdkLoggerProvider), DemoError> {
+    let resource = Resource::builder().with_service_name(service.to_string()).with_attribute(KeyValue::new("deployment.environment.name", "demo")).build();
     let ex = |e: opentelemetry_otlp::ExporterBuildError| DemoError::Exporter(e.to_string());
     let base = o.endpoint.trim_end_matches('/');
     let (spans, logs) = match o.protocol {
         Protocol::Grpc => (
-            SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(base)
-                .with_timeout(Duration::from_secs(10))
-                .build()
-                .map_err(ex)?,
-            LogExporter::builder()
-                .with_tonic()
-                .with_endpoint(base)
-                .with_timeout(Duration::from_secs(10))
-                .build()
-                .map_err(ex)?,
+            SpanExporter::builder().with_tonic().with_endpoint(base).with_timeout(Duration::from_secs(10)).build().map_err(ex)?,
+            LogExporter::builder().with_tonic().with_endpoint(base).with_timeout(Duration::from_secs(10)).build().map_err(ex)?,
         ),
         Protocol::Http => (
-            SpanExporter::builder()
-                .with_http()
-                .with_endpoint(format!("{base}/v1/traces"))
-                .build()
-                .map_err(ex)?,
-            LogExporter::builder()
-                .with_http()
-                .with_endpoint(format!("{base}/v1/logs"))
-                .build()
-                .map_err(ex)?,
+            SpanExporter::builder().with_http().with_endpoint(format!("{base}/v1/traces")).build().map_err(ex)?,
+            LogExporter::builder().with_http().with_endpoint(format!("{base}/v1/logs")).build().map_err(ex)?,
         ),
     };
-    let tp = SdkTracerProvider::builder()
-        .with_resource(resource.clone())
-        .with_batch_exporter(spans)
-        .build();
-    let lp = SdkLoggerProvider::builder()
-        .with_resource(resource)
-        .with_batch_exporter(logs)
-        .build();
+    let tp = SdkTracerProvider::builder().with_resource(resource.clone()).with_batch_exporter(spans).build();
+    let lp = SdkLoggerProvider::builder().with_resource(resource).with_batch_exporter(logs).build();
     Ok((tp, lp))
 }
 
 fn flush(o: &DemoOptions, tp: &SdkTracerProvider, lp: &SdkLoggerProvider) -> Result<(), DemoError> {
-    let err = |e: opentelemetry_sdk::error::OTelSdkError| DemoError::Export {
-        endpoint: o.endpoint.clone(),
-        reason: e.to_string(),
-    };
+    let err = |e: opentelemetry_sdk::error::OTelSdkError| DemoError::Export { endpoint: o.endpoint.clone(), reason: e.to_string() };
     tp.force_flush().map_err(err)?;
     lp.force_flush().map_err(err)?;
     Ok(())
 }
 
-fn log(
-    lp: &SdkLoggerProvider,
-    severity: Severity,
-    body: &str,
-    attrs: Vec<(&'static str, AnyValue)>,
-) {
+fn log(lp: &SdkLoggerProvider, severity: Severity, body: &str, attrs: Vec<(&'static str, AnyValue)>) {
     let logger = lp.logger("bizsignal-demo");
     let mut rec = logger.create_log_record();
     rec.set_severity_number(severity);
-    rec.set_severity_text(if severity == Severity::Warn {
-        "WARN"
-    } else {
-        "INFO"
-    });
+    rec.set_severity_text(if severity == Severity::Warn { "WARN" } else { "INFO" });
     rec.set_body(AnyValue::from(body.to_string()));
     rec.set_timestamp(std::time::SystemTime::now());
     for (k, v) in attrs {
@@ -120,31 +78,18 @@ fn log(
 
 /// Sends the demo traffic and waits until every export was acknowledged.
 pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
-    let suffix = o
-        .run_suffix
-        .clone()
-        .unwrap_or_else(|| jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S").to_string());
+    let suffix = o.run_suffix.clone().unwrap_or_else(|| jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S").to_string());
     let import_id = format!("import-{suffix}");
     let recon_id = format!("recon-{suffix}");
     let report_id = format!("report-{suffix}");
-    let proc_attr = |p: &'static str, run: &str| {
-        vec![
-            ("business.process.name", AnyValue::from(p)),
-            ("business.run.id", AnyValue::from(run.to_string())),
-        ]
-    };
+    let proc_attr = |p: &'static str, run: &str| vec![("business.process.name", AnyValue::from(p)), ("business.run.id", AnyValue::from(run.to_string()))];
 
     // The import starts first and keeps running while the others happen.
     let (itp, ilp) = providers(o, "catalog-importer")?;
     let mut a = proc_attr("product-import", &import_id);
     a.push(("business.run.status", AnyValue::from("started")));
     a.push(("business.progress.total", AnyValue::Int(12_000)));
-    log(
-        &ilp,
-        Severity::Info,
-        "product import started: supplier feed acme.csv",
-        a,
-    );
+    log(&ilp, Severity::Info, "product import started: supplier feed acme.csv", a);
     flush(o, &itp, &ilp)?;
 
     // Nightly report: spans, succeeds.
@@ -153,10 +98,7 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
         let tracer = tp.tracer("bizsignal-demo");
         let mut root = tracer
             .span_builder("generate nightly report")
-            .with_attributes(vec![
-                KeyValue::new("business.process.name", "nightly-report"),
-                KeyValue::new("business.run.id", report_id.clone()),
-            ])
+            .with_attributes(vec![KeyValue::new("business.process.name", "nightly-report"), KeyValue::new("business.run.id", report_id.clone())])
             .start(&tracer);
         root.set_status(Status::Ok);
         let cx = Context::current_with_span(root);
@@ -168,10 +110,7 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
         let mut r = tracer.start_with_context("render pdf", &cx);
         r.set_attribute(KeyValue::new("business.process.name", "nightly-report"));
         r.set_attribute(KeyValue::new("business.milestone", "rendered"));
-        r.set_attribute(KeyValue::new(
-            "business.payload",
-            r#"{"pages": 42, "format": "pdf"}"#,
-        ));
+        r.set_attribute(KeyValue::new("business.payload", r#"{"pages": 42, "format": "pdf"}"#));
         r.end();
         cx.span().end();
     }
@@ -186,19 +125,13 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
             .with_attributes(vec![
                 KeyValue::new("business.process.name", "invoice-reconciliation"),
                 KeyValue::new("business.run.id", recon_id.clone()),
-                KeyValue::new(
-                    "business.note",
-                    "45 invoices left unmatched; posting failed",
-                ),
+                KeyValue::new("business.note", "45 invoices left unmatched; posting failed"),
             ])
             .start(&tracer);
         let cx = Context::current_with_span(root);
         let child = |name: &'static str, attrs: Vec<KeyValue>, fail: Option<&'static str>| {
             let mut s = tracer.start_with_context(name, &cx);
-            s.set_attribute(KeyValue::new(
-                "business.process.name",
-                "invoice-reconciliation",
-            ));
+            s.set_attribute(KeyValue::new("business.process.name", "invoice-reconciliation"));
             for kv in attrs {
                 s.set_attribute(kv);
             }
@@ -207,14 +140,7 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
             }
             s.end();
         };
-        child(
-            "fetch bank statements",
-            vec![
-                KeyValue::new("business.milestone", "statements-fetched"),
-                KeyValue::new("business.records.processed", 1840_i64),
-            ],
-            None,
-        );
+        child("fetch bank statements", vec![KeyValue::new("business.milestone", "statements-fetched"), KeyValue::new("business.records.processed", 1840_i64)], None);
         child(
             "match invoices",
             vec![
@@ -224,11 +150,7 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
             ],
             None,
         );
-        child(
-            "post to ledger",
-            vec![],
-            Some("ledger returned 503 after 3 retries"),
-        );
+        child("post to ledger", vec![], Some("ledger returned 503 after 3 retries"));
         cx.span().set_status(Status::error("ledger unavailable"));
         cx.span().end();
     }
@@ -248,17 +170,11 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
         flush(o, &itp, &ilp)?;
     }
     let mut a = proc_attr("product-import", &import_id);
-    a.push((
-        "business.note",
-        AnyValue::from("12 rows skipped because the EAN column was empty; supplier notified"),
-    ));
+    a.push(("business.note", AnyValue::from("12 rows skipped because the EAN column was empty; supplier notified")));
     log(&ilp, Severity::Warn, "12 rows skipped: missing EAN", a);
     let mut a = proc_attr("product-import", &import_id);
     a.push(("business.milestone", AnyValue::from("prices-validated")));
-    a.push((
-        "business.payload",
-        AnyValue::from(r#"{"currency": "EUR", "price_changes": 214, "largest_change_pct": 12.5}"#),
-    ));
+    a.push(("business.payload", AnyValue::from(r#"{"currency": "EUR", "price_changes": 214, "largest_change_pct": 12.5}"#)));
     log(&ilp, Severity::Info, "prices validated", a);
     flush(o, &itp, &ilp)?;
     std::thread::sleep(o.pace);

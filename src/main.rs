@@ -8,11 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "bizsignal",
-    version,
-    about = "OpenTelemetry-native business-signal processor"
-)]
+#[command(name = "bizsignal", version, about = "OpenTelemetry-native business-signal processor")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,8 +53,7 @@ enum Command {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -79,13 +74,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve {
-            config,
-            otlp_grpc,
-            otlp_http,
-            http,
-            data_dir,
-        } => {
+        Command::Serve { config, otlp_grpc, otlp_http, http, data_dir } => {
             init_logging();
             let loaded = match config {
                 Some(path) => Config::load(&path),
@@ -119,12 +108,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo {
-            endpoint,
-            protocol,
-            pace,
-            run_suffix,
-        } => {
+        Command::Demo { endpoint, protocol, pace, run_suffix } => {
             init_logging();
             let endpoint = endpoint.unwrap_or_else(|| match protocol {
                 bizsignal::demo::Protocol::Grpc => "http://localhost:4317".into(),
@@ -138,17 +122,10 @@ fn main() -> ExitCode {
                 }
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            let opts = bizsignal::demo::DemoOptions {
-                endpoint: endpoint.clone(),
-                protocol,
-                pace,
-                run_suffix,
-            };
+            let opts = bizsignal::demo::DemoOptions { endpoint: endpoint.clone(), protocol, pace, run_suffix };
             // The OTLP exporters need a runtime context; the demo itself is sequential.
             let _guard = rt.enter();
-            match rt.block_on(async {
-                tokio::task::spawn_blocking(move || bizsignal::demo::run(&opts)).await
-            }) {
+            match rt.block_on(async { tokio::task::spawn_blocking(move || bizsignal::demo::run(&opts)).await }) {
                 Ok(Ok(runs)) => {
                     for (p, r) in runs {
                         println!("sent {p} run {r}");

@@ -107,7 +107,10 @@ impl Signal {
     pub fn run_key(&self) -> RunKey {
         RunKey {
             process: self.process.clone(),
-            run_id: self.run_id.clone().unwrap_or_else(|| self.trace_id.clone()),
+            run_id: self
+                .run_id
+                .clone()
+                .unwrap_or_else(|| self.trace_id.clone()),
         }
     }
 
@@ -118,13 +121,7 @@ impl Signal {
         let mut out = Vec::with_capacity(self.facts.len() + 1);
         let attributes = serde_json::to_string(&pairs_to_map(&self.attributes)).unwrap_or_default();
         let resource = serde_json::to_string(&pairs_to_map(&self.resource)).unwrap_or_default();
-        let base = |seq: u32,
-                    kind: &str,
-                    name: String,
-                    time_ns: i64,
-                    value: Option<f64>,
-                    text: String,
-                    payload: String| BusinessEvent {
+        let base = |seq: u32, kind: &str, name: String, time_ns: i64, value: Option<f64>, text: String, payload: String| BusinessEvent {
             event_id: event_id(self.id, seq),
             signal_id: format!("{:032x}", self.id),
             process: self.process.clone(),
@@ -146,91 +143,19 @@ impl Signal {
         } else {
             None
         };
-        out.push(base(
-            0,
-            self.kind.as_str(),
-            self.name.clone(),
-            self.start_ns,
-            duration,
-            self.text.clone(),
-            String::new(),
-        ));
+        out.push(base(0, self.kind.as_str(), self.name.clone(), self.start_ns, duration, self.text.clone(), String::new()));
         for (i, fact) in self.facts.iter().enumerate() {
             let seq = i as u32 + 1;
             let t = self.time_ns;
             let ev = match fact {
-                Fact::Records { outcome, count } => base(
-                    seq,
-                    "records",
-                    outcome.clone(),
-                    t,
-                    Some(*count),
-                    String::new(),
-                    String::new(),
-                ),
-                Fact::ProgressDone(v) => base(
-                    seq,
-                    "progress",
-                    "done".into(),
-                    t,
-                    Some(*v),
-                    String::new(),
-                    String::new(),
-                ),
-                Fact::ProgressTotal(v) => base(
-                    seq,
-                    "progress",
-                    "total".into(),
-                    t,
-                    Some(*v),
-                    String::new(),
-                    String::new(),
-                ),
-                Fact::Milestone(m) => base(
-                    seq,
-                    "milestone",
-                    m.clone(),
-                    t,
-                    None,
-                    String::new(),
-                    String::new(),
-                ),
-                Fact::Note(n) => base(
-                    seq,
-                    "note",
-                    String::new(),
-                    t,
-                    None,
-                    n.clone(),
-                    String::new(),
-                ),
-                Fact::Payload(p) => base(
-                    seq,
-                    "payload",
-                    String::new(),
-                    t,
-                    None,
-                    String::new(),
-                    p.clone(),
-                ),
-                Fact::Value { name, value } => base(
-                    seq,
-                    "value",
-                    name.clone(),
-                    t,
-                    Some(*value),
-                    String::new(),
-                    String::new(),
-                ),
-                Fact::Status { status, error } => base(
-                    seq,
-                    "status",
-                    status.as_str().into(),
-                    t,
-                    None,
-                    error.clone().unwrap_or_default(),
-                    String::new(),
-                ),
+                Fact::Records { outcome, count } => base(seq, "records", outcome.clone(), t, Some(*count), String::new(), String::new()),
+                Fact::ProgressDone(v) => base(seq, "progress", "done".into(), t, Some(*v), String::new(), String::new()),
+                Fact::ProgressTotal(v) => base(seq, "progress", "total".into(), t, Some(*v), String::new(), String::new()),
+                Fact::Milestone(m) => base(seq, "milestone", m.clone(), t, None, String::new(), String::new()),
+                Fact::Note(n) => base(seq, "note", String::new(), t, None, n.clone(), String::new()),
+                Fact::Payload(p) => base(seq, "payload", String::new(), t, None, String::new(), p.clone()),
+                Fact::Value { name, value } => base(seq, "value", name.clone(), t, Some(*value), String::new(), String::new()),
+                Fact::Status { status, error } => base(seq, "status", status.as_str().into(), t, None, error.clone().unwrap_or_default(), String::new()),
             };
             out.push(ev);
         }
@@ -239,10 +164,7 @@ impl Signal {
 }
 
 fn pairs_to_map(pairs: &[(String, String)]) -> std::collections::BTreeMap<&str, &str> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 /// Deterministic event id: the signal identity plus the fact's position.
@@ -294,19 +216,13 @@ impl BusinessEvent {
     pub fn fact(&self) -> Option<Fact> {
         let v = self.value.unwrap_or(0.0);
         Some(match self.kind.as_str() {
-            "records" => Fact::Records {
-                outcome: self.name.clone(),
-                count: v,
-            },
+            "records" => Fact::Records { outcome: self.name.clone(), count: v },
             "progress" if self.name == "done" => Fact::ProgressDone(v),
             "progress" if self.name == "total" => Fact::ProgressTotal(v),
             "milestone" => Fact::Milestone(self.name.clone()),
             "note" => Fact::Note(self.text.clone()),
             "payload" => Fact::Payload(self.payload.clone()),
-            "value" => Fact::Value {
-                name: self.name.clone(),
-                value: v,
-            },
+            "value" => Fact::Value { name: self.name.clone(), value: v },
             "status" => Fact::Status {
                 status: LifecycleStatus::parse(&self.name)?,
                 error: (!self.text.is_empty()).then(|| self.text.clone()),

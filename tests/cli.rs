@@ -12,15 +12,8 @@ fn root() -> PathBuf {
 }
 
 fn check_config(path: &Path) -> (bool, String) {
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout),
-    )
+    let out = Command::new(BIN).arg("check-config").arg(path).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout))
 }
 
 #[test]
@@ -83,24 +76,14 @@ fn broken_config_files_name_the_file_key_and_reason() {
         std::fs::write(&p, yaml).unwrap();
         let (ok, out) = check_config(&p);
         assert!(!ok, "{yaml} was accepted");
-        assert!(
-            out.starts_with(&p.display().to_string()),
-            "names the file: {out}"
-        );
+        assert!(out.starts_with(&p.display().to_string()), "names the file: {out}");
         assert!(out.contains(want), "{yaml}: want {want:?} in {out:?}");
     }
     let (ok, out) = check_config(Path::new("/nonexistent/bizsignal.yaml"));
-    assert!(
-        !ok && out.contains("/nonexistent/bizsignal.yaml: cannot read"),
-        "{out}"
-    );
+    assert!(!ok && out.contains("/nonexistent/bizsignal.yaml: cannot read"), "{out}");
     // serve refuses a broken file the same way, before binding anything.
     let p = dir.path().join("bad0.yaml");
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&p)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["serve", "--config"]).arg(&p).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not valid YAML"));
 }
@@ -117,27 +100,14 @@ impl Drop for Guard {
 
 fn spawn_serve(data_dir: &Path) -> (std::process::Child, String, String) {
     let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--otlp-grpc",
-            "127.0.0.1:0",
-            "--otlp-http",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .args(["serve", "--otlp-grpc", "127.0.0.1:0", "--otlp-http", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let field = |line: &str, key: &str| {
-        line.split(&format!(" {key}="))
-            .nth(1)
-            .map(|r| r.split_whitespace().next().unwrap().to_string())
-    };
+    let field = |line: &str, key: &str| line.split(&format!(" {key}=")).nth(1).map(|r| r.split_whitespace().next().unwrap().to_string());
     loop {
         let line = lines.next().expect("serve printed its addresses").unwrap();
         if line.contains("bizsignal started") {
@@ -155,36 +125,17 @@ fn serve_then_demo_shows_runs_within_two_seconds_and_sigterm_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let (child, grpc, http) = spawn_serve(dir.path());
     let mut guard = Guard(child);
-    let demo = Command::new(BIN)
-        .args(["demo", "--pace", "10ms", "--run-suffix", "t1", "--endpoint"])
-        .arg(format!("http://{grpc}"))
-        .output()
-        .unwrap();
-    assert!(
-        demo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&demo.stderr)
-    );
+    let demo = Command::new(BIN).args(["demo", "--pace", "10ms", "--run-suffix", "t1", "--endpoint"]).arg(format!("http://{grpc}")).output().unwrap();
+    assert!(demo.status.success(), "{}", String::from_utf8_lossy(&demo.stderr));
     let sent = Instant::now();
     let client = reqwest::blocking_get_json(&format!("http://{http}/api/v1/runs"));
     let mut seen = client;
     while seen["runs"].as_array().map_or(0, |a| a.len()) < 3 {
-        assert!(
-            sent.elapsed() < Duration::from_secs(2),
-            "runs not visible within 2 s: {seen}"
-        );
+        assert!(sent.elapsed() < Duration::from_secs(2), "runs not visible within 2 s: {seen}");
         std::thread::sleep(Duration::from_millis(20));
         seen = reqwest::blocking_get_json(&format!("http://{http}/api/v1/runs"));
     }
-    let by = |p: &str| {
-        seen["runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["process"] == p)
-            .unwrap()
-            .clone()
-    };
+    let by = |p: &str| seen["runs"].as_array().unwrap().iter().find(|r| r["process"] == p).unwrap().clone();
     assert_eq!(by("invoice-reconciliation")["status"], "failed");
     assert_eq!(by("nightly-report")["status"], "succeeded");
     assert_eq!(by("product-import")["status"], "succeeded");
@@ -193,21 +144,14 @@ fn serve_then_demo_shows_runs_within_two_seconds_and_sigterm_exits_cleanly() {
 
     let child = &mut guard.0;
     let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(st) = child.try_wait().unwrap() {
             assert!(st.success(), "exit status after SIGTERM: {st:?}");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "serve did not exit after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "serve did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -219,11 +163,7 @@ mod reqwest {
         let rest = url.strip_prefix("http://").unwrap();
         let (host, path) = rest.split_once('/').unwrap();
         let mut s = std::net::TcpStream::connect(host).unwrap();
-        write!(
-            s,
-            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).unwrap();
         let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");

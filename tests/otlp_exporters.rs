@@ -15,10 +15,7 @@ fn send_span_run(endpoint: String, proto: Proto, run_id: String, fail: bool) {
     let tracer = tp.tracer("test");
     let root = tracer
         .span_builder("reconcile")
-        .with_attributes(vec![
-            KeyValue::new("business.process.name", "reconcile"),
-            KeyValue::new("business.run.id", run_id),
-        ])
+        .with_attributes(vec![KeyValue::new("business.process.name", "reconcile"), KeyValue::new("business.run.id", run_id)])
         .start(&tracer);
     let cx = Context::current_with_span(root);
     for (name, milestone, n) in [("fetch", "fetched", 10_i64), ("match", "matched", 7)] {
@@ -66,35 +63,18 @@ async fn spans_and_logs(proto: Proto) {
         Proto::HttpProtobuf => format!("http://{}", srv.app().otlp_http),
     };
     let e = endpoint.clone();
-    tokio::task::spawn_blocking(move || send_span_run(e, proto, "r-1".into(), true))
-        .await
-        .unwrap();
-    let run = srv
-        .wait_run("reconcile", "r-1", Duration::from_secs(5), |r| {
-            r["status"] == "failed"
-        })
-        .await;
+    tokio::task::spawn_blocking(move || send_span_run(e, proto, "r-1".into(), true)).await.unwrap();
+    let run = srv.wait_run("reconcile", "r-1", Duration::from_secs(5), |r| r["status"] == "failed").await;
     assert_eq!(run["counts"]["processed"], 17);
     assert_eq!(run["error"], "ledger unavailable");
-    let names: Vec<_> = run["milestones"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<_> = run["milestones"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["fetched", "matched"]);
     assert_eq!(run["services"][0], "billing-worker");
     assert_eq!(run["trace_ids"].as_array().unwrap().len(), 1);
 
     let e = endpoint.clone();
-    tokio::task::spawn_blocking(move || send_log_run(e, proto, "imp-1".into()))
-        .await
-        .unwrap();
-    let run = srv
-        .wait_run("import", "imp-1", Duration::from_secs(5), |r| {
-            r["status"] == "succeeded"
-        })
-        .await;
+    tokio::task::spawn_blocking(move || send_log_run(e, proto, "imp-1".into())).await.unwrap();
+    let run = srv.wait_run("import", "imp-1", Duration::from_secs(5), |r| r["status"] == "succeeded").await;
     assert_eq!(run["counts"]["imported"], 300);
     assert_eq!(run["progress"]["done"], 300);
     assert_eq!(run["progress"]["total"], 300);
@@ -116,24 +96,12 @@ async fn exporter_over_http_protobuf_assembles_runs() {
 async fn successful_root_span_ends_run_succeeded() {
     let srv = Server::start().await;
     let e = srv.grpc_endpoint();
-    tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, "ok-1".into(), false))
-        .await
-        .unwrap();
-    let run = srv
-        .wait_run("reconcile", "ok-1", Duration::from_secs(5), |r| {
-            r["status"] == "succeeded"
-        })
-        .await;
+    tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, "ok-1".into(), false)).await.unwrap();
+    let run = srv.wait_run("reconcile", "ok-1", Duration::from_secs(5), |r| r["status"] == "succeeded").await;
     assert!(run["ended_at"].is_string());
     assert!(run["error"].is_null());
     let (_, procs) = srv.get("/api/v1/processes").await;
-    let p = &procs["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "reconcile")
-        .unwrap()
-        .clone();
+    let p = &procs["processes"].as_array().unwrap().iter().find(|p| p["name"] == "reconcile").unwrap().clone();
     assert_eq!(p["latest_run"]["run_id"], "ok-1");
     assert!(p["last_success_at"].is_string());
     assert_eq!(p["active_runs"], 0);

@@ -49,10 +49,7 @@ pub struct Queries {
 }
 
 impl Queries {
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Store) -> Result<T, StorageError> + Send + 'static,
-    ) -> Result<T, ApiError> {
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&dyn Store) -> Result<T, StorageError> + Send + 'static) -> Result<T, ApiError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
@@ -87,23 +84,12 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     if s.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready"})),
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready"}))).into_response()
     }
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.metrics.render_prometheus(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render_prometheus()).into_response()
 }
 
 async fn processes(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -111,19 +97,11 @@ async fn processes(State(s): State<ApiState>) -> Result<Json<serde_json::Value>,
     let mut list = s.queries.blocking(|st| st.list_processes()).await?;
     for name in &s.configured_processes {
         if !list.iter().any(|p| &p.name == name) {
-            list.push(crate::storage::ProcessSummary {
-                name: name.clone(),
-                latest_run: None,
-                last_success_at_ns: None,
-                active_runs: 0,
-                violations: vec![],
-            });
+            list.push(crate::storage::ProcessSummary { name: name.clone(), latest_run: None, last_success_at_ns: None, active_runs: 0, violations: vec![] });
         }
     }
     list.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(
-        json!({ "processes": list.iter().map(|p| views::process(p, now)).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(json!({ "processes": list.iter().map(|p| views::process(p, now)).collect::<Vec<_>>() })))
 }
 
 #[derive(Deserialize)]
@@ -135,44 +113,26 @@ struct RunsParams {
     cursor: Option<String>,
 }
 
-async fn runs(
-    State(s): State<ApiState>,
-    params: Result<Query<RunsParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn runs(State(s): State<ApiState>, params: Result<Query<RunsParams>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let now = crate::now_ns();
     let q = RunQuery {
         process: p.process.filter(|x| !x.is_empty()),
         status: match p.status.as_deref() {
             None | Some("") => None,
-            Some(x) => Some(RunStatus::parse(x).ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "status must be running, succeeded, failed or stalled, got {x:?}"
-                ))
-            })?),
+            Some(x) => Some(RunStatus::parse(x).ok_or_else(|| ApiError::BadRequest(format!("status must be running, succeeded, failed or stalled, got {x:?}")))?),
         },
-        since_ns: p
-            .since
-            .as_deref()
-            .filter(|x| !x.is_empty())
-            .map(|x| parse_since(x, now))
-            .transpose()?,
+        since_ns: p.since.as_deref().filter(|x| !x.is_empty()).map(|x| parse_since(x, now)).transpose()?,
         limit: match p.limit.as_deref() {
             None | Some("") => 50,
             Some(x) => match x.parse::<usize>() {
                 Ok(n @ 1..=1000) => n,
-                _ => {
-                    return Err(ApiError::BadRequest(format!(
-                        "limit must be a whole number from 1 to 1000, got {x:?}"
-                    )))
-                }
+                _ => return Err(ApiError::BadRequest(format!("limit must be a whole number from 1 to 1000, got {x:?}"))),
             },
         },
         cursor: match p.cursor.as_deref() {
             None | Some("") => None,
-            Some(c) => Some(RunCursor::decode(c).ok_or_else(|| {
-                ApiError::BadRequest("cursor is not one this API returned".into())
-            })?),
+            Some(c) => Some(RunCursor::decode(c).ok_or_else(|| ApiError::BadRequest("cursor is not one this API returned".into()))?),
         },
     };
     let (runs, next) = s.queries.blocking(move |st| st.list_runs(&q)).await?;
@@ -189,36 +149,19 @@ fn parse_since(s: &str, now: i64) -> Result<i64, ApiError> {
     }
     match crate::config::parse_duration(s) {
         Ok(d) => Ok(now.saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64)),
-        Err(_) => Err(ApiError::BadRequest(format!(
-            "since must be an RFC 3339 timestamp or a duration like 24h, got {s:?}"
-        ))),
+        Err(_) => Err(ApiError::BadRequest(format!("since must be an RFC 3339 timestamp or a duration like 24h, got {s:?}"))),
     }
 }
 
-async fn run(
-    State(s): State<ApiState>,
-    Path((process, run_id)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn run(State(s): State<ApiState>, Path((process, run_id)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
     let key = RunKey { process, run_id };
     let k = key.clone();
     let run = s.queries.blocking(move |st| st.get_run(&k)).await?;
-    let run = run.ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "no run {:?} of process {:?}",
-            key.run_id, key.process
-        ))
-    })?;
-    Ok(Json(views::run_full(
-        &run,
-        crate::now_ns(),
-        s.trace_url_template.as_deref(),
-    )))
+    let run = run.ok_or_else(|| ApiError::NotFound(format!("no run {:?} of process {:?}", key.run_id, key.process)))?;
+    Ok(Json(views::run_full(&run, crate::now_ns(), s.trace_url_template.as_deref())))
 }
 
-async fn run_events(
-    State(s): State<ApiState>,
-    Path((process, run_id)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn run_events(State(s): State<ApiState>, Path((process, run_id)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
     let key = RunKey { process, run_id };
     let k = key.clone();
     let (exists, events) = s
@@ -229,12 +172,7 @@ async fn run_events(
         })
         .await?;
     if !exists {
-        return Err(ApiError::NotFound(format!(
-            "no run {:?} of process {:?}",
-            key.run_id, key.process
-        )));
+        return Err(ApiError::NotFound(format!("no run {:?} of process {:?}", key.run_id, key.process)));
     }
-    Ok(Json(
-        json!({ "events": events.iter().map(views::event).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(json!({ "events": events.iter().map(views::event).collect::<Vec<_>>() })))
 }

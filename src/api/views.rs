@@ -17,11 +17,7 @@ fn opt_ts(ns: Option<i64>) -> Value {
 }
 
 fn violations(v: &[Violation]) -> Value {
-    Value::Array(
-        v.iter()
-            .map(|v| json!({"rule": v.rule, "message": v.message, "at": ts(v.at_ns)}))
-            .collect(),
-    )
+    Value::Array(v.iter().map(|v| json!({"rule": v.rule, "message": v.message, "at": ts(v.at_ns)})).collect())
 }
 
 /// Counts as JSON numbers: integers when whole.
@@ -65,20 +61,8 @@ pub fn run_summary(r: &ProcessRun, now: i64) -> Value {
 pub fn run_full(r: &ProcessRun, now: i64, trace_url_template: Option<&str>) -> Value {
     let mut v = run_summary(r, now);
     let o = v.as_object_mut().expect("object");
-    o.insert(
-        "milestones".into(),
-        r.milestones
-            .iter()
-            .map(|m| json!({"name": m.name, "at": ts(m.at_ns)}))
-            .collect(),
-    );
-    o.insert(
-        "notes".into(),
-        r.notes
-            .iter()
-            .map(|n| json!({"at": ts(n.at_ns), "text": n.text}))
-            .collect(),
-    );
+    o.insert("milestones".into(), r.milestones.iter().map(|m| json!({"name": m.name, "at": ts(m.at_ns)})).collect());
+    o.insert("notes".into(), r.notes.iter().map(|n| json!({"at": ts(n.at_ns), "text": n.text})).collect());
     o.insert(
         "payloads".into(),
         r.payloads
@@ -86,23 +70,10 @@ pub fn run_full(r: &ProcessRun, now: i64, trace_url_template: Option<&str>) -> V
             .map(|p| json!({"at": ts(p.at_ns), "payload": serde_json::from_str::<Value>(&p.json).unwrap_or(Value::String(p.json.clone()))}))
             .collect(),
     );
-    o.insert(
-        "values".into(),
-        r.values
-            .iter()
-            .map(|(k, s)| (k.clone(), number(s.value)))
-            .collect::<serde_json::Map<_, _>>()
-            .into(),
-    );
+    o.insert("values".into(), r.values.iter().map(|(k, s)| (k.clone(), number(s.value))).collect::<serde_json::Map<_, _>>().into());
     o.insert("trace_ids".into(), json!(r.trace_ids));
     if let Some(t) = trace_url_template {
-        o.insert(
-            "trace_urls".into(),
-            r.trace_ids
-                .iter()
-                .map(|id| Value::String(t.replace("{trace_id}", id)))
-                .collect(),
-        );
+        o.insert("trace_urls".into(), r.trace_ids.iter().map(|id| Value::String(t.replace("{trace_id}", id))).collect());
     }
     o.insert("services".into(), json!(r.services));
     o.insert("signal_count".into(), json!(r.signal_count));

@@ -56,11 +56,7 @@ impl Classified {
         let mut msg = format!("{} record(s) rejected: ", self.rejected);
         msg.push_str(&self.reasons.join("; "));
         if self.rejected as usize > self.reasons.len() {
-            let _ = write!(
-                msg,
-                "; and {} more",
-                self.rejected as usize - self.reasons.len()
-            );
+            let _ = write!(msg, "; and {} more", self.rejected as usize - self.reasons.len());
         }
         msg
     }
@@ -99,20 +95,13 @@ impl Classifier {
             .iter()
             .map(|r| Rule::compile(r).map_err(|(p, e)| format!("rule {:?}: {p}: {e}", r.name)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Classifier {
-            limits,
-            rules: RuleSet::new(compiled),
-        })
+        Ok(Classifier { limits, rules: RuleSet::new(compiled) })
     }
 
     pub fn classify_traces(&self, resource_spans: &[ResourceSpans], now_ns: i64) -> Classified {
         let mut out = Classified::default();
         for rs in resource_spans {
-            let resource = rs
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.as_slice())
-                .unwrap_or(&[]);
+            let resource = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
             let service = service_name(resource);
             let rb = has_business(resource);
             for ss in &rs.scope_spans {
@@ -127,11 +116,7 @@ impl Classifier {
     pub fn classify_logs(&self, resource_logs: &[ResourceLogs], now_ns: i64) -> Classified {
         let mut out = Classified::default();
         for rl in resource_logs {
-            let resource = rl
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.as_slice())
-                .unwrap_or(&[]);
+            let resource = rl.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
             let service = service_name(resource);
             let rb = has_business(resource);
             for sl in &rl.scope_logs {
@@ -146,20 +131,10 @@ impl Classifier {
     /// Cheap test: does anything make this record business? `resource_business`
     /// is computed once per resource (a resource may carry the process name).
     fn is_candidate(&self, attributes: &[KeyValue], resource_business: bool) -> bool {
-        resource_business
-            || !self.rules.is_empty()
-            || attributes.iter().any(|kv| kv.key.starts_with("business."))
+        resource_business || !self.rules.is_empty() || attributes.iter().any(|kv| kv.key.starts_with("business."))
     }
 
-    fn classify_span(
-        &self,
-        span: &Span,
-        resource: &[KeyValue],
-        resource_business: bool,
-        service: &str,
-        now_ns: i64,
-        out: &mut Classified,
-    ) {
+    fn classify_span(&self, span: &Span, resource: &[KeyValue], resource_business: bool, service: &str, now_ns: i64, out: &mut Classified) {
         if !self.is_candidate(&span.attributes, resource_business) {
             out.discarded += 1;
             return;
@@ -173,13 +148,7 @@ impl Classifier {
             resource,
             trace_id: &span.trace_id,
         };
-        let what = || {
-            format!(
-                "span {:?}{}",
-                truncate(&span.name, 64),
-                in_trace(&span.trace_id)
-            )
-        };
+        let what = || format!("span {:?}{}", truncate(&span.name, 64), in_trace(&span.trace_id));
         let rule = self.rules.first_match(&view);
         let mut draft = match Draft::from_view(&view, rule, &self.limits) {
             Ok(Some(d)) => d,
@@ -192,10 +161,7 @@ impl Classifier {
         if let Err(reason) = check_ids(&span.trace_id, &span.span_id, &draft.run_id) {
             return out.reject(format!("{}: {reason}", what()));
         }
-        let (start, end) = match (
-            to_ns(span.start_time_unix_nano, now_ns),
-            to_ns(span.end_time_unix_nano, now_ns),
-        ) {
+        let (start, end) = match (to_ns(span.start_time_unix_nano, now_ns), to_ns(span.end_time_unix_nano, now_ns)) {
             (Ok(s), Ok(e)) => (s, e.max(s)),
             _ => return out.reject(format!("{}: timestamp out of range", what())),
         };
@@ -214,42 +180,15 @@ impl Classifier {
                     .unwrap_or_else(|| "span status ERROR".into())
             });
             draft.facts.push(Fact::Status {
-                status: if failed {
-                    LifecycleStatus::Failed
-                } else {
-                    LifecycleStatus::Succeeded
-                },
-                error: error
-                    .map(|e| truncate(&e, self.limits.max_attribute_value_bytes).to_string()),
+                status: if failed { LifecycleStatus::Failed } else { LifecycleStatus::Succeeded },
+                error: error.map(|e| truncate(&e, self.limits.max_attribute_value_bytes).to_string()),
             });
         }
-        let id = u128::from_le_bytes(
-            xxhash_rust::xxh3::xxh3_128(
-                &[span.trace_id.as_slice(), span.span_id.as_slice()].concat(),
-            )
-            .to_le_bytes(),
-        );
-        out.signals.push(self.finish(
-            draft,
-            &view,
-            id,
-            hex(&span.span_id),
-            span.name.clone(),
-            start,
-            end,
-            status_msg.to_string(),
-        ));
+        let id = u128::from_le_bytes(xxhash_rust::xxh3::xxh3_128(&[span.trace_id.as_slice(), span.span_id.as_slice()].concat()).to_le_bytes());
+        out.signals.push(self.finish(draft, &view, id, hex(&span.span_id), span.name.clone(), start, end, status_msg.to_string()));
     }
 
-    fn classify_log(
-        &self,
-        log: &LogRecord,
-        resource: &[KeyValue],
-        resource_business: bool,
-        service: &str,
-        now_ns: i64,
-        out: &mut Classified,
-    ) {
+    fn classify_log(&self, log: &LogRecord, resource: &[KeyValue], resource_business: bool, service: &str, now_ns: i64, out: &mut Classified) {
         if !self.is_candidate(&log.attributes, resource_business) {
             out.discarded += 1;
             return;
@@ -263,13 +202,7 @@ impl Classifier {
             resource,
             trace_id: &log.trace_id,
         };
-        let what = || {
-            format!(
-                "log record at {}{}",
-                log.time_unix_nano,
-                in_trace(&log.trace_id)
-            )
-        };
+        let what = || format!("log record at {}{}", log.time_unix_nano, in_trace(&log.trace_id));
         let rule = self.rules.first_match(&view);
         let mut draft = match Draft::from_view(&view, rule, &self.limits) {
             Ok(Some(d)) => d,
@@ -282,25 +215,16 @@ impl Classifier {
         if let Err(reason) = check_ids(&log.trace_id, &log.span_id, &draft.run_id) {
             return out.reject(format!("{}: {reason}", what()));
         }
-        let t = if log.time_unix_nano != 0 {
-            log.time_unix_nano
-        } else {
-            log.observed_time_unix_nano
-        };
+        let t = if log.time_unix_nano != 0 { log.time_unix_nano } else { log.observed_time_unix_nano };
         let Ok(time) = to_ns(t, now_ns) else {
             return out.reject(format!("{}: timestamp out of range", what()));
         };
         let body = log.body.as_ref().map(any_to_string).unwrap_or_default();
         // A failed status on a log takes the body as the error when nothing better is given.
         for f in &mut draft.facts {
-            if let Fact::Status {
-                status: LifecycleStatus::Failed,
-                error,
-            } = f
-            {
+            if let Fact::Status { status: LifecycleStatus::Failed, error } = f {
                 if error.is_none() && !body.is_empty() {
-                    *error =
-                        Some(truncate(&body, self.limits.max_attribute_value_bytes).to_string());
+                    *error = Some(truncate(&body, self.limits.max_attribute_value_bytes).to_string());
                 }
             }
         }
@@ -315,51 +239,21 @@ impl Classifier {
         for kv in &log.attributes {
             h.update(kv.key.as_bytes());
             h.update(&[0]);
-            h.update(
-                kv.value
-                    .as_ref()
-                    .map(any_to_string)
-                    .unwrap_or_default()
-                    .as_bytes(),
-            );
+            h.update(kv.value.as_ref().map(any_to_string).unwrap_or_default().as_bytes());
             h.update(&[0]);
         }
         let id = h.digest128();
-        let name = if log.severity_text.is_empty() {
-            "log".to_string()
-        } else {
-            log.severity_text.clone()
-        };
-        out.signals
-            .push(self.finish(draft, &view, id, hex(&log.span_id), name, time, time, body));
+        let name = if log.severity_text.is_empty() { "log".to_string() } else { log.severity_text.clone() };
+        out.signals.push(self.finish(draft, &view, id, hex(&log.span_id), name, time, time, body));
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        draft: Draft,
-        view: &RecordView,
-        id: u128,
-        span_id: String,
-        name: String,
-        start: i64,
-        end: i64,
-        text: String,
-    ) -> Signal {
+    fn finish(&self, draft: Draft, view: &RecordView, id: u128, span_id: String, name: String, start: i64, end: i64, text: String) -> Signal {
         let max_v = self.limits.max_attribute_value_bytes;
         let flatten = |kvs: &[KeyValue]| -> Vec<(String, String)> {
             kvs.iter()
                 .filter(|kv| kv.key.len() <= self.limits.max_name_length)
-                .map(|kv| {
-                    (
-                        kv.key.clone(),
-                        truncate(
-                            &kv.value.as_ref().map(any_to_string).unwrap_or_default(),
-                            max_v,
-                        )
-                        .to_string(),
-                    )
-                })
+                .map(|kv| (kv.key.clone(), truncate(&kv.value.as_ref().map(any_to_string).unwrap_or_default(), max_v).to_string()))
                 .collect()
         };
         Signal {
@@ -392,20 +286,12 @@ struct Draft {
 
 impl Draft {
     /// `Ok(None)`: not business. `Err`: business but invalid.
-    fn from_view(
-        view: &RecordView,
-        rule: Option<&Rule>,
-        limits: &Limits,
-    ) -> Result<Option<Draft>, String> {
+    fn from_view(view: &RecordView, rule: Option<&Rule>, limits: &Limits) -> Result<Option<Draft>, String> {
         if view.attributes.len() > limits.max_attributes_per_record {
             // Only business records are worth a rejection message.
             let business = rule.is_some() || view.attributes.iter().any(|kv| kv.key == PROCESS);
             return if business {
-                Err(format!(
-                    "{} attributes exceed the limit of {}",
-                    view.attributes.len(),
-                    limits.max_attributes_per_record
-                ))
+                Err(format!("{} attributes exceed the limit of {}", view.attributes.len(), limits.max_attributes_per_record))
             } else {
                 Ok(None)
             };
@@ -414,14 +300,9 @@ impl Draft {
             Some(v) => Some(name_value(v, PROCESS, limits)?),
             None => rule.and_then(|r| r.process(view)),
         };
-        let Some(process) = process else {
-            return Ok(None);
-        };
+        let Some(process) = process else { return Ok(None) };
         if process.is_empty() || process.len() > limits.max_name_length {
-            return Err(format!(
-                "process name must be 1 to {} bytes",
-                limits.max_name_length
-            ));
+            return Err(format!("process name must be 1 to {} bytes", limits.max_name_length));
         }
         let run_id = match view.attr(RUN_ID) {
             Some(v) => Some(name_value(v, RUN_ID, limits)?),
@@ -429,19 +310,10 @@ impl Draft {
         };
         if let Some(r) = &run_id {
             if r.is_empty() || r.len() > limits.max_name_length {
-                return Err(format!(
-                    "{RUN_ID} must be 1 to {} bytes",
-                    limits.max_name_length
-                ));
+                return Err(format!("{RUN_ID} must be 1 to {} bytes", limits.max_name_length));
             }
         }
-        let mut d = Draft {
-            process,
-            run_id,
-            facts: Vec::new(),
-            root: false,
-            error: None,
-        };
+        let mut d = Draft { process, run_id, facts: Vec::new(), root: false, error: None };
         for kv in view.attributes {
             let Some(v) = kv.value.as_ref() else { continue };
             let key = kv.key.as_str();
@@ -450,62 +322,31 @@ impl Draft {
             }
             if let Some(outcome) = key.strip_prefix(RECORDS_PREFIX) {
                 check_name(outcome, key, limits)?;
-                d.facts.push(Fact::Records {
-                    outcome: outcome.to_string(),
-                    count: number(v, key, limits, false)?,
-                });
+                d.facts.push(Fact::Records { outcome: outcome.to_string(), count: number(v, key, limits, false)? });
             } else if let Some(name) = key.strip_prefix(VALUE_PREFIX) {
                 check_name(name, key, limits)?;
-                d.facts.push(Fact::Value {
-                    name: name.to_string(),
-                    value: number(v, key, limits, true)?,
-                });
+                d.facts.push(Fact::Value { name: name.to_string(), value: number(v, key, limits, true)? });
             } else {
                 match key {
-                    PROGRESS_DONE => d
-                        .facts
-                        .push(Fact::ProgressDone(number(v, key, limits, false)?)),
-                    PROGRESS_TOTAL => d
-                        .facts
-                        .push(Fact::ProgressTotal(number(v, key, limits, false)?)),
+                    PROGRESS_DONE => d.facts.push(Fact::ProgressDone(number(v, key, limits, false)?)),
+                    PROGRESS_TOTAL => d.facts.push(Fact::ProgressTotal(number(v, key, limits, false)?)),
                     MILESTONE => d.facts.push(Fact::Milestone(name_value(v, key, limits)?)),
                     NOTE => {
                         let s = any_to_string(v);
-                        let text = if s.is_empty() {
-                            view.body.map(any_to_string).unwrap_or_default()
-                        } else {
-                            s
-                        };
+                        let text = if s.is_empty() { view.body.map(any_to_string).unwrap_or_default() } else { s };
                         if !text.is_empty() {
-                            d.facts.push(Fact::Note(
-                                truncate(&text, limits.max_attribute_value_bytes).to_string(),
-                            ));
+                            d.facts.push(Fact::Note(truncate(&text, limits.max_attribute_value_bytes).to_string()));
                         }
                     }
                     PAYLOAD => d.facts.push(Fact::Payload(payload(v, limits)?)),
                     RUN_STATUS => {
                         let s = any_to_string(v);
-                        let status = LifecycleStatus::parse(&s).ok_or_else(|| {
-                            format!(
-                                "{RUN_STATUS} must be started, succeeded or failed, got {:?}",
-                                truncate(&s, 32)
-                            )
-                        })?;
-                        d.facts.push(Fact::Status {
-                            status,
-                            error: None,
-                        });
+                        let status = LifecycleStatus::parse(&s)
+                            .ok_or_else(|| format!("{RUN_STATUS} must be started, succeeded or failed, got {:?}", truncate(&s, 32)))?;
+                        d.facts.push(Fact::Status { status, error: None });
                     }
-                    RUN_ROOT => {
-                        d.root = matches!(v.value, Some(Value::BoolValue(true)))
-                            || any_to_string(v) == "true"
-                    }
-                    ERROR_MESSAGE => {
-                        d.error = Some(
-                            truncate(&any_to_string(v), limits.max_attribute_value_bytes)
-                                .to_string(),
-                        )
-                    }
+                    RUN_ROOT => d.root = matches!(v.value, Some(Value::BoolValue(true))) || any_to_string(v) == "true",
+                    ERROR_MESSAGE => d.error = Some(truncate(&any_to_string(v), limits.max_attribute_value_bytes).to_string()),
                     _ => {}
                 }
             }
@@ -515,11 +356,7 @@ impl Draft {
         }
         if let Some(err) = &d.error {
             for f in &mut d.facts {
-                if let Fact::Status {
-                    status: LifecycleStatus::Failed,
-                    error,
-                } = f
-                {
+                if let Fact::Status { status: LifecycleStatus::Failed, error } = f {
                     error.get_or_insert_with(|| err.clone());
                 }
             }
@@ -551,10 +388,7 @@ fn check_ids(trace_id: &[u8], span_id: &[u8], run_id: &Option<String>) -> Result
 
 fn check_name(name: &str, key: &str, limits: &Limits) -> Result<(), String> {
     if name.is_empty() || name.len() > limits.max_name_length {
-        return Err(format!(
-            "{key}: name must be 1 to {} bytes",
-            limits.max_name_length
-        ));
+        return Err(format!("{key}: name must be 1 to {} bytes", limits.max_name_length));
     }
     Ok(())
 }
@@ -567,41 +401,23 @@ fn name_value(v: &AnyValue, key: &str, limits: &Limits) -> Result<String, String
         _ => return Err(format!("{key} must be a string")),
     };
     if s.is_empty() || s.len() > limits.max_name_length {
-        return Err(format!(
-            "{key} must be 1 to {} bytes",
-            limits.max_name_length
-        ));
+        return Err(format!("{key} must be 1 to {} bytes", limits.max_name_length));
     }
     Ok(s)
 }
 
 /// A finite number within limits; numeric strings are accepted because many
 /// logging bridges stringify attributes.
-pub(crate) fn number(
-    v: &AnyValue,
-    key: &str,
-    limits: &Limits,
-    allow_negative: bool,
-) -> Result<f64, String> {
+pub(crate) fn number(v: &AnyValue, key: &str, limits: &Limits, allow_negative: bool) -> Result<f64, String> {
     let n = match &v.value {
         Some(Value::IntValue(i)) => *i as f64,
         Some(Value::DoubleValue(d)) => *d,
-        Some(Value::StringValue(s)) => s
-            .trim()
-            .parse::<f64>()
-            .map_err(|_| format!("{key} must be a number, got {:?}", truncate(s, 32)))?,
+        Some(Value::StringValue(s)) => s.trim().parse::<f64>().map_err(|_| format!("{key} must be a number, got {:?}", truncate(s, 32)))?,
         _ => return Err(format!("{key} must be a number")),
     };
     if !n.is_finite() || n.abs() > limits.max_number {
-        let shown = if n.abs() >= 1e15 {
-            format!("{n:e}")
-        } else {
-            n.to_string()
-        };
-        return Err(format!(
-            "{key} must be a finite number of at most {:e}, got {shown}",
-            limits.max_number
-        ));
+        let shown = if n.abs() >= 1e15 { format!("{n:e}") } else { n.to_string() };
+        return Err(format!("{key} must be a finite number of at most {:e}, got {shown}", limits.max_number));
     }
     if !allow_negative && n < 0.0 {
         return Err(format!("{key} must not be negative, got {n}"));
@@ -616,14 +432,9 @@ fn payload(v: &AnyValue, limits: &Limits) -> Result<String, String> {
         _ => return Err(format!("{PAYLOAD} must be a JSON string")),
     };
     if s.len() > limits.max_payload_bytes {
-        return Err(format!(
-            "{PAYLOAD} is {} bytes, over the limit of {}",
-            s.len(),
-            limits.max_payload_bytes
-        ));
+        return Err(format!("{PAYLOAD} is {} bytes, over the limit of {}", s.len(), limits.max_payload_bytes));
     }
-    let parsed: serde_json::Value =
-        serde_json::from_str(&s).map_err(|e| format!("{PAYLOAD} is not valid JSON: {e}"))?;
+    let parsed: serde_json::Value = serde_json::from_str(&s).map_err(|e| format!("{PAYLOAD} is not valid JSON: {e}"))?;
     Ok(parsed.to_string())
 }
 
@@ -635,16 +446,9 @@ fn to_ns(t: u64, now_ns: i64) -> Result<i64, ()> {
 }
 
 fn exception_message(span: &Span) -> Option<String> {
-    span.events
-        .iter()
-        .filter(|e| e.name == "exception")
-        .find_map(|e| {
-            e.attributes
-                .iter()
-                .find(|kv| kv.key == "exception.message")
-                .and_then(|kv| kv.value.as_ref())
-                .map(any_to_string)
-        })
+    span.events.iter().filter(|e| e.name == "exception").find_map(|e| {
+        e.attributes.iter().find(|kv| kv.key == "exception.message").and_then(|kv| kv.value.as_ref()).map(any_to_string)
+    })
 }
 
 fn has_business(resource: &[KeyValue]) -> bool {
@@ -702,21 +506,11 @@ fn any_to_json(v: &AnyValue) -> serde_json::Value {
         Some(Value::StringValue(s)) => J::String(s.clone()),
         Some(Value::BoolValue(b)) => J::Bool(*b),
         Some(Value::IntValue(i)) => J::from(*i),
-        Some(Value::DoubleValue(d)) => serde_json::Number::from_f64(*d)
-            .map(J::Number)
-            .unwrap_or(J::Null),
+        Some(Value::DoubleValue(d)) => serde_json::Number::from_f64(*d).map(J::Number).unwrap_or(J::Null),
         Some(Value::BytesValue(b)) => J::String(hex(b)),
         Some(Value::ArrayValue(a)) => J::Array(a.values.iter().map(any_to_json).collect()),
         Some(Value::KvlistValue(kv)) => J::Object(
-            kv.values
-                .iter()
-                .map(|kv| {
-                    (
-                        kv.key.clone(),
-                        kv.value.as_ref().map(any_to_json).unwrap_or(J::Null),
-                    )
-                })
-                .collect(),
+            kv.values.iter().map(|kv| (kv.key.clone(), kv.value.as_ref().map(any_to_json).unwrap_or(J::Null))).collect(),
         ),
         _ => J::Null,
     }

@@ -89,9 +89,7 @@ impl Matcher {
         match m {
             TextMatch::Exact(s) => Ok(Matcher::Exact(s.clone())),
             TextMatch::Pattern(p) => match (&p.glob, &p.regex, p.exists) {
-                (Some(g), None, None) => Regex::new(&glob_to_regex(g))
-                    .map(Matcher::Regex)
-                    .map_err(|e| format!("invalid glob: {e}")),
+                (Some(g), None, None) => Regex::new(&glob_to_regex(g)).map(Matcher::Regex).map_err(|e| format!("invalid glob: {e}")),
                 (None, Some(r), None) => regex::RegexBuilder::new(r)
                     .size_limit(1 << 20)
                     .build()
@@ -140,21 +138,13 @@ impl ValueFrom {
         match s {
             Source::Literal(l) if l.is_empty() => Err("must not be empty".into()),
             Source::Literal(l) => Ok(ValueFrom::Literal(l.clone())),
-            Source::From(FromConfig {
-                from_attribute: Some(a),
-                from: None,
-            }) if !a.is_empty() => Ok(ValueFrom::Attribute(a.clone())),
-            Source::From(FromConfig {
-                from_attribute: None,
-                from: Some(f),
-            }) if allowed.contains(&f.as_str()) => Ok(match f.as_str() {
+            Source::From(FromConfig { from_attribute: Some(a), from: None }) if !a.is_empty() => Ok(ValueFrom::Attribute(a.clone())),
+            Source::From(FromConfig { from_attribute: None, from: Some(f) }) if allowed.contains(&f.as_str()) => Ok(match f.as_str() {
                 "span_name" => ValueFrom::SpanName,
                 "log_body" => ValueFrom::LogBody,
                 _ => ValueFrom::TraceId,
             }),
-            Source::From(FromConfig { from: Some(f), .. }) => Err(format!(
-                "unknown source {f:?}; use one of {allowed:?} or from_attribute"
-            )),
+            Source::From(FromConfig { from: Some(f), .. }) => Err(format!("unknown source {f:?}; use one of {allowed:?} or from_attribute")),
             _ => Err("give a literal, {from_attribute: KEY} or {from: ...}".into()),
         }
     }
@@ -197,35 +187,19 @@ impl Rule {
             None | Some("any") => None,
             Some("span") => Some(SignalKind::Span),
             Some("log") => Some(SignalKind::Log),
-            Some(o) => {
-                return Err((
-                    "match.signal".into(),
-                    format!("must be span, log or any, got {o:?}"),
-                ))
-            }
+            Some(o) => return Err(("match.signal".into(), format!("must be span, log or any, got {o:?}"))),
         };
         fn at(p: &str) -> impl Fn(String) -> (String, String) + '_ {
             move |e| (p.to_string(), e)
         }
-        let opt = |m: &Option<TextMatch>, p: &str| {
-            m.as_ref().map(Matcher::compile).transpose().map_err(at(p))
-        };
+        let opt = |m: &Option<TextMatch>, p: &str| m.as_ref().map(Matcher::compile).transpose().map_err(at(p));
         let attributes = c
             .matcher
             .attributes
             .iter()
-            .map(|(k, m)| {
-                Matcher::compile(m)
-                    .map(|m| (k.clone(), m))
-                    .map_err(|e| (format!("match.attributes.{k}"), e))
-            })
+            .map(|(k, m)| Matcher::compile(m).map(|m| (k.clone(), m)).map_err(|e| (format!("match.attributes.{k}"), e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let src = |s: &Option<Source>, p: &str, allowed: &[&str]| {
-            s.as_ref()
-                .map(|s| ValueFrom::compile(s, allowed))
-                .transpose()
-                .map_err(at(p))
-        };
+        let src = |s: &Option<Source>, p: &str, allowed: &[&str]| s.as_ref().map(|s| ValueFrom::compile(s, allowed)).transpose().map_err(at(p));
         let rule = Rule {
             signal,
             service: opt(&c.matcher.service, "match.service")?,
@@ -234,17 +208,8 @@ impl Rule {
             attributes,
             process: src(&c.set.process, "set.process", &["span_name", "log_body"])?,
             run_id: src(&c.set.run_id, "set.run_id", &["trace_id"])?,
-            records: c
-                .set
-                .records
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            milestone: src(
-                &c.set.milestone,
-                "set.milestone",
-                &["span_name", "log_body"],
-            )?,
+            records: c.set.records.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            milestone: src(&c.set.milestone, "set.milestone", &["span_name", "log_body"])?,
             note: src(&c.set.note, "set.note", &["span_name", "log_body"])?,
             root: c.set.root,
         };
@@ -252,23 +217,14 @@ impl Rule {
             return Err(("set.process".into(), "is required".into()));
         }
         if rule.span_name.is_some() && rule.signal == Some(SignalKind::Log) {
-            return Err((
-                "match.span_name".into(),
-                "cannot match log records (match.signal is log)".into(),
-            ));
+            return Err(("match.span_name".into(), "cannot match log records (match.signal is log)".into()));
         }
         if rule.log_body.is_some() && rule.signal == Some(SignalKind::Span) {
-            return Err((
-                "match.log_body".into(),
-                "cannot match spans (match.signal is span)".into(),
-            ));
+            return Err(("match.log_body".into(), "cannot match spans (match.signal is span)".into()));
         }
         for (outcome, attr) in &rule.records {
             if outcome.is_empty() || attr.is_empty() {
-                return Err((
-                    format!("set.records.{outcome}"),
-                    "outcome and attribute must not be empty".into(),
-                ));
+                return Err((format!("set.records.{outcome}"), "outcome and attribute must not be empty".into()));
             }
         }
         Ok(rule)
@@ -278,11 +234,7 @@ impl Rule {
         if self.signal.is_some_and(|k| k != view.kind) {
             return false;
         }
-        if self
-            .service
-            .as_ref()
-            .is_some_and(|m| !m.matches(Some(view.service)))
-        {
+        if self.service.as_ref().is_some_and(|m| !m.matches(Some(view.service))) {
             return false;
         }
         if let Some(m) = &self.span_name {
@@ -312,36 +264,21 @@ impl Rule {
 
     /// Adds the facts this rule derives; `business.*` attributes already
     /// present on the record take precedence.
-    pub(crate) fn apply(
-        &self,
-        view: &RecordView,
-        facts: &mut Vec<Fact>,
-        root: &mut bool,
-        limits: &Limits,
-    ) -> Result<(), String> {
+    pub(crate) fn apply(&self, view: &RecordView, facts: &mut Vec<Fact>, root: &mut bool, limits: &Limits) -> Result<(), String> {
         for (outcome, attr) in &self.records {
-            let has = facts
-                .iter()
-                .any(|f| matches!(f, Fact::Records { outcome: o, .. } if o == outcome));
+            let has = facts.iter().any(|f| matches!(f, Fact::Records { outcome: o, .. } if o == outcome));
             if let (false, Some(v)) = (has, view.attr(attr)) {
-                facts.push(Fact::Records {
-                    outcome: outcome.clone(),
-                    count: number(v, attr, limits, false)?,
-                });
+                facts.push(Fact::Records { outcome: outcome.clone(), count: number(v, attr, limits, false)? });
             }
         }
         if !facts.iter().any(|f| matches!(f, Fact::Milestone(_))) {
             if let Some(m) = self.milestone.as_ref().and_then(|m| m.get(view)) {
-                facts.push(Fact::Milestone(
-                    truncate(&m, limits.max_name_length).to_string(),
-                ));
+                facts.push(Fact::Milestone(truncate(&m, limits.max_name_length).to_string()));
             }
         }
         if !facts.iter().any(|f| matches!(f, Fact::Note(_))) {
             if let Some(n) = self.note.as_ref().and_then(|n| n.get(view)) {
-                facts.push(Fact::Note(
-                    truncate(&n, limits.max_attribute_value_bytes).to_string(),
-                ));
+                facts.push(Fact::Note(truncate(&n, limits.max_attribute_value_bytes).to_string()));
             }
         }
         *root |= self.root;
@@ -365,3 +302,4 @@ impl RuleSet {
         self.rules.iter().find(|r| r.matches(view))
     }
 }
+

@@ -104,68 +104,20 @@ impl SelfMetrics {
     pub fn render_prometheus(&self) -> String {
         let mut s = String::new();
         let counters: [(&str, &str, &AtomicU64); 11] = [
-            (
-                "bizsignal_spans_received_total",
-                "Spans received over OTLP.",
-                &self.spans_received,
-            ),
-            (
-                "bizsignal_logs_received_total",
-                "Log records received over OTLP.",
-                &self.logs_received,
-            ),
-            (
-                "bizsignal_signals_classified_total",
-                "Records classified as business signals.",
-                &self.signals_classified,
-            ),
-            (
-                "bizsignal_records_discarded_total",
-                "Records without business meaning, dropped after classification.",
-                &self.records_discarded,
-            ),
-            (
-                "bizsignal_records_rejected_total",
-                "Business records rejected as invalid (partial success).",
-                &self.records_rejected,
-            ),
-            (
-                "bizsignal_signals_duplicate_total",
-                "Signals delivered again and ignored.",
-                &self.signals_duplicate,
-            ),
-            (
-                "bizsignal_requests_refused_total",
-                "Requests refused with a retryable status because the pipeline was full.",
-                &self.requests_refused_busy,
-            ),
-            (
-                "bizsignal_requests_invalid_total",
-                "Requests refused as undecodable or of an unknown content type.",
-                &self.requests_invalid,
-            ),
-            (
-                "bizsignal_requests_too_large_total",
-                "Requests refused as too large (before or after decompression).",
-                &self.requests_too_large,
-            ),
-            (
-                "bizsignal_storage_commits_total",
-                "Batches committed to storage.",
-                &self.storage_commits,
-            ),
-            (
-                "bizsignal_storage_failures_total",
-                "Storage commits that failed.",
-                &self.storage_failures,
-            ),
+            ("bizsignal_spans_received_total", "Spans received over OTLP.", &self.spans_received),
+            ("bizsignal_logs_received_total", "Log records received over OTLP.", &self.logs_received),
+            ("bizsignal_signals_classified_total", "Records classified as business signals.", &self.signals_classified),
+            ("bizsignal_records_discarded_total", "Records without business meaning, dropped after classification.", &self.records_discarded),
+            ("bizsignal_records_rejected_total", "Business records rejected as invalid (partial success).", &self.records_rejected),
+            ("bizsignal_signals_duplicate_total", "Signals delivered again and ignored.", &self.signals_duplicate),
+            ("bizsignal_requests_refused_total", "Requests refused with a retryable status because the pipeline was full.", &self.requests_refused_busy),
+            ("bizsignal_requests_invalid_total", "Requests refused as undecodable or of an unknown content type.", &self.requests_invalid),
+            ("bizsignal_requests_too_large_total", "Requests refused as too large (before or after decompression).", &self.requests_too_large),
+            ("bizsignal_storage_commits_total", "Batches committed to storage.", &self.storage_commits),
+            ("bizsignal_storage_failures_total", "Storage commits that failed.", &self.storage_failures),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(
-                s,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
         }
         let secs = self.storage_commit_nanos.load(Relaxed) as f64 / 1e9;
         let _ = writeln!(

@@ -32,9 +32,7 @@ pub struct GrpcReceiver {
 pub fn invalid_argument_for_decode_errors<B>(mut r: http::Response<B>) -> http::Response<B> {
     let h = r.headers_mut();
     let decode_error = h.get("grpc-status").is_some_and(|v| v == "13")
-        && h.get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.starts_with("failed%20to%20decode"));
+        && h.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.starts_with("failed%20to%20decode"));
     if decode_error {
         h.insert("grpc-status", http::HeaderValue::from_static("3"));
     }
@@ -49,10 +47,7 @@ pub fn invalid_argument_for_decode_errors<B>(mut r: http::Response<B>) -> http::
 
 impl GrpcReceiver {
     pub fn new(intake: Intake, retry_after: Duration) -> Self {
-        GrpcReceiver {
-            intake,
-            retry_after,
-        }
+        GrpcReceiver { intake, retry_after }
     }
 
     /// The tonic router with both OTLP services.
@@ -75,50 +70,25 @@ impl GrpcReceiver {
             SubmitError::Busy => Code::ResourceExhausted,
             _ => Code::Unavailable,
         };
-        Status::with_error_details(
-            code,
-            e.to_string(),
-            ErrorDetails::with_retry_info(Some(self.retry_after)),
-        )
+        Status::with_error_details(code, e.to_string(), ErrorDetails::with_retry_info(Some(self.retry_after)))
     }
 }
 
 #[tonic::async_trait]
 impl TraceService for GrpcReceiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let accepted = self
-            .intake
-            .traces(request.into_inner())
-            .await
-            .map_err(|e| self.status(e))?;
-        let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess {
-            rejected_spans: accepted.rejected,
-            error_message: accepted.message,
-        });
-        Ok(Response::new(ExportTraceServiceResponse {
-            partial_success,
-        }))
+    async fn export(&self, request: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let accepted = self.intake.traces(request.into_inner()).await.map_err(|e| self.status(e))?;
+        let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess { rejected_spans: accepted.rejected, error_message: accepted.message });
+        Ok(Response::new(ExportTraceServiceResponse { partial_success }))
     }
 }
 
 #[tonic::async_trait]
 impl LogsService for GrpcReceiver {
-    async fn export(
-        &self,
-        request: Request<ExportLogsServiceRequest>,
-    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
-        let accepted = self
-            .intake
-            .logs(request.into_inner())
-            .await
-            .map_err(|e| self.status(e))?;
-        let partial_success = (accepted.rejected > 0).then(|| ExportLogsPartialSuccess {
-            rejected_log_records: accepted.rejected,
-            error_message: accepted.message,
-        });
+    async fn export(&self, request: Request<ExportLogsServiceRequest>) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let accepted = self.intake.logs(request.into_inner()).await.map_err(|e| self.status(e))?;
+        let partial_success =
+            (accepted.rejected > 0).then(|| ExportLogsPartialSuccess { rejected_log_records: accepted.rejected, error_message: accepted.message });
         Ok(Response::new(ExportLogsServiceResponse { partial_success }))
     }
 }

@@ -11,12 +11,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse};
 use prost::Message;
 use serde::de::DeserializeOwned;
 use std::io::Read;
@@ -48,12 +44,7 @@ pub struct HttpError {
 
 impl HttpError {
     pub fn new(status: StatusCode, message: impl Into<String>, encoding: Option<Encoding>) -> Self {
-        HttpError {
-            status,
-            message: message.into(),
-            encoding,
-            retry_after: None,
-        }
+        HttpError { status, message: message.into(), encoding, retry_after: None }
     }
 
     pub fn from_submit(e: SubmitError, encoding: Option<Encoding>, retry_after: Duration) -> Self {
@@ -61,12 +52,7 @@ impl HttpError {
             SubmitError::Busy => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
-        HttpError {
-            status,
-            message: e.to_string(),
-            encoding,
-            retry_after: Some(retry_after),
-        }
+        HttpError { status, message: e.to_string(), encoding, retry_after: Some(retry_after) }
     }
 }
 
@@ -81,35 +67,17 @@ impl IntoResponse for HttpError {
         };
         let mut resp = match self.encoding {
             Some(Encoding::Protobuf) => {
-                let st = tonic_types::Status {
-                    code: grpc_code,
-                    message: self.message,
-                    details: vec![],
-                };
-                (
-                    self.status,
-                    [(header::CONTENT_TYPE, "application/x-protobuf")],
-                    st.encode_to_vec(),
-                )
-                    .into_response()
+                let st = tonic_types::Status { code: grpc_code, message: self.message, details: vec![] };
+                (self.status, [(header::CONTENT_TYPE, "application/x-protobuf")], st.encode_to_vec()).into_response()
             }
             _ => {
-                let body =
-                    serde_json::json!({ "code": grpc_code, "message": self.message }).to_string();
-                (
-                    self.status,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    body,
-                )
-                    .into_response()
+                let body = serde_json::json!({ "code": grpc_code, "message": self.message }).to_string();
+                (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
             }
         };
         if let Some(d) = self.retry_after {
             let secs = d.as_secs().max(1).to_string();
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_str(&secs).expect("digits"),
-            );
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_str(&secs).expect("digits"));
         }
         resp
     }
@@ -126,22 +94,10 @@ impl HttpReceiver {
     }
 
     /// Content type and encoding checks, inflation with a limit, decoding.
-    pub fn decode<T: Message + Default + DeserializeOwned>(
-        &self,
-        headers: &HeaderMap,
-        body: &[u8],
-    ) -> Result<(T, Encoding), HttpError> {
+    pub fn decode<T: Message + Default + DeserializeOwned>(&self, headers: &HeaderMap, body: &[u8]) -> Result<(T, Encoding), HttpError> {
         let metrics = &self.intake.metrics;
-        let ct = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let mime = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         let encoding = match mime.as_str() {
             "application/x-protobuf" | "application/protobuf" => Encoding::Protobuf,
             "application/json" => Encoding::Json,
@@ -155,25 +111,12 @@ impl HttpReceiver {
             }
         };
         let inflated;
-        let data: &[u8] = match headers
-            .get(header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.trim().to_ascii_lowercase())
-            .as_deref()
-        {
+        let data: &[u8] = match headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_ascii_lowercase()).as_deref() {
             None | Some("") | Some("identity") => body,
             Some("gzip") => {
                 inflated = inflate_limited(body, self.max_decompressed_bytes).map_err(|e| {
-                    let status = if e.too_large {
-                        StatusCode::PAYLOAD_TOO_LARGE
-                    } else {
-                        StatusCode::BAD_REQUEST
-                    };
-                    let counter = if e.too_large {
-                        &metrics.requests_too_large
-                    } else {
-                        &metrics.requests_invalid
-                    };
+                    let status = if e.too_large { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
+                    let counter = if e.too_large { &metrics.requests_too_large } else { &metrics.requests_invalid };
                     crate::metrics::SelfMetrics::add(counter, 1);
                     HttpError::new(status, e.message, Some(encoding))
                 })?;
@@ -183,17 +126,13 @@ impl HttpReceiver {
                 crate::metrics::SelfMetrics::add(&metrics.requests_invalid, 1);
                 return Err(HttpError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!(
-                        "unsupported content encoding {:?}; use gzip or identity",
-                        crate::classify::truncate(other, 50)
-                    ),
+                    format!("unsupported content encoding {:?}; use gzip or identity", crate::classify::truncate(other, 50)),
                     Some(encoding),
                 ));
             }
         };
         let msg = match encoding {
-            Encoding::Protobuf => T::decode(data)
-                .map_err(|e| format!("body is not a valid OTLP protobuf message: {e}")),
+            Encoding::Protobuf => T::decode(data).map_err(|e| format!("body is not a valid OTLP protobuf message: {e}")),
             Encoding::Json => decode_json::<T>(data),
         };
         msg.map(|m| (m, encoding)).map_err(|m| {
@@ -212,15 +151,9 @@ pub struct InflateError {
 pub fn inflate_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
     let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
     let mut dec = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
-    dec.read_to_end(&mut out).map_err(|e| InflateError {
-        too_large: false,
-        message: format!("body is not valid gzip: {e}"),
-    })?;
+    dec.read_to_end(&mut out).map_err(|e| InflateError { too_large: false, message: format!("body is not valid gzip: {e}") })?;
     if out.len() > limit {
-        return Err(InflateError {
-            too_large: true,
-            message: format!("body inflates to more than the limit of {limit} bytes"),
-        });
+        return Err(InflateError { too_large: true, message: format!("body inflates to more than the limit of {limit} bytes") });
     }
     Ok(out)
 }
@@ -228,8 +161,7 @@ pub fn inflate_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, InflateErro
 /// OTLP/JSON: the protobuf JSON mapping (lowerCamelCase names, hex ids, int64
 /// as strings or numbers); snake_case field names are accepted too.
 pub fn decode_json<T: DeserializeOwned>(data: &[u8]) -> Result<T, String> {
-    let mut v: serde_json::Value =
-        serde_json::from_slice(data).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let mut v: serde_json::Value = serde_json::from_slice(data).map_err(|e| format!("body is not valid JSON: {e}"))?;
     camel_case_keys(&mut v);
     serde_json::from_value(v).map_err(|e| format!("body is not a valid OTLP/JSON message: {e}"))
 }
@@ -270,45 +202,24 @@ fn to_camel(s: &str) -> String {
 }
 
 /// The export response; in JSON an absent `partialSuccess` is omitted (not null).
-fn encode<M: Message>(
-    m: &M,
-    rejected_key: &str,
-    accepted: &super::Accepted,
-    encoding: Encoding,
-) -> Response {
+fn encode<M: Message>(m: &M, rejected_key: &str, accepted: &super::Accepted, encoding: Encoding) -> Response {
     match encoding {
-        Encoding::Protobuf => (
-            [(header::CONTENT_TYPE, "application/x-protobuf")],
-            m.encode_to_vec(),
-        )
-            .into_response(),
+        Encoding::Protobuf => ([(header::CONTENT_TYPE, "application/x-protobuf")], m.encode_to_vec()).into_response(),
         Encoding::Json => {
             let body = if accepted.rejected > 0 {
                 serde_json::json!({ "partialSuccess": { rejected_key: accepted.rejected.to_string(), "errorMessage": accepted.message } })
             } else {
                 serde_json::json!({})
             };
-            (
-                [(header::CONTENT_TYPE, "application/json")],
-                body.to_string(),
-            )
-                .into_response()
+            ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
         }
     }
 }
 
-fn body_or_error(
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-    r: &HttpReceiver,
-    headers: &HeaderMap,
-) -> Result<Bytes, HttpError> {
+fn body_or_error(body: Result<Bytes, axum::extract::rejection::BytesRejection>, r: &HttpReceiver, headers: &HeaderMap) -> Result<Bytes, HttpError> {
     // Answer in the client's encoding when it named a known one.
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let enc = if ct.starts_with("application/x-protobuf") || ct.starts_with("application/protobuf")
-    {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let enc = if ct.starts_with("application/x-protobuf") || ct.starts_with("application/protobuf") {
         Some(Encoding::Protobuf)
     } else {
         None
@@ -317,66 +228,29 @@ fn body_or_error(
         let status = e.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             crate::metrics::SelfMetrics::add(&r.intake.metrics.requests_too_large, 1);
-            HttpError::new(
-                status,
-                format!(
-                    "body is larger than the limit of {} bytes",
-                    r.max_request_bytes
-                ),
-                enc,
-            )
+            HttpError::new(status, format!("body is larger than the limit of {} bytes", r.max_request_bytes), enc)
         } else {
             HttpError::new(status, format!("cannot read body: {e}"), enc)
         }
     })
 }
 
-async fn traces(
-    State(r): State<HttpReceiver>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, HttpError> {
+async fn traces(State(r): State<HttpReceiver>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, HttpError> {
     let body = body_or_error(body, &r, &headers)?;
     let (req, enc) = r.decode::<ExportTraceServiceRequest>(&headers, &body)?;
-    let accepted = r
-        .intake
-        .traces(req)
-        .await
-        .map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
-    let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess {
-        rejected_spans: accepted.rejected,
-        error_message: accepted.message.clone(),
-    });
-    Ok(encode(
-        &ExportTraceServiceResponse { partial_success },
-        "rejectedSpans",
-        &accepted,
-        enc,
-    ))
+    let accepted = r.intake.traces(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
+    let partial_success =
+        (accepted.rejected > 0).then(|| ExportTracePartialSuccess { rejected_spans: accepted.rejected, error_message: accepted.message.clone() });
+    Ok(encode(&ExportTraceServiceResponse { partial_success }, "rejectedSpans", &accepted, enc))
 }
 
-async fn logs(
-    State(r): State<HttpReceiver>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, HttpError> {
+async fn logs(State(r): State<HttpReceiver>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, HttpError> {
     let body = body_or_error(body, &r, &headers)?;
     let (req, enc) = r.decode::<ExportLogsServiceRequest>(&headers, &body)?;
-    let accepted = r
-        .intake
-        .logs(req)
-        .await
-        .map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
-    let partial_success = (accepted.rejected > 0).then(|| ExportLogsPartialSuccess {
-        rejected_log_records: accepted.rejected,
-        error_message: accepted.message.clone(),
-    });
-    Ok(encode(
-        &ExportLogsServiceResponse { partial_success },
-        "rejectedLogRecords",
-        &accepted,
-        enc,
-    ))
+    let accepted = r.intake.logs(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
+    let partial_success =
+        (accepted.rejected > 0).then(|| ExportLogsPartialSuccess { rejected_log_records: accepted.rejected, error_message: accepted.message.clone() });
+    Ok(encode(&ExportLogsServiceResponse { partial_success }, "rejectedLogRecords", &accepted, enc))
 }
 
 #[cfg(test)]
@@ -387,14 +261,8 @@ mod tests {
     fn snake_case_keys_become_camel_case() {
         let mut v = serde_json::json!({"resource_spans": [{"scope_spans": [{"spans": [{"trace_id": "ab", "attributes": [{"key": "a_b"}]}]}]}]});
         camel_case_keys(&mut v);
-        assert_eq!(
-            v["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"],
-            "ab"
-        );
-        assert_eq!(
-            v["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"][0]["key"],
-            "a_b"
-        );
+        assert_eq!(v["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"], "ab");
+        assert_eq!(v["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"][0]["key"], "a_b");
     }
 
     #[test]

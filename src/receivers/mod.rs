@@ -30,30 +30,16 @@ pub struct Intake {
 
 impl Intake {
     pub async fn traces(&self, req: ExportTraceServiceRequest) -> Result<Accepted, SubmitError> {
-        let n: usize = req
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
+        let n: usize = req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
         SelfMetrics::add(&self.metrics.spans_received, n as u64);
-        let classified = self
-            .classifier
-            .classify_traces(&req.resource_spans, crate::now_ns());
+        let classified = self.classifier.classify_traces(&req.resource_spans, crate::now_ns());
         self.submit(classified).await
     }
 
     pub async fn logs(&self, req: ExportLogsServiceRequest) -> Result<Accepted, SubmitError> {
-        let n: usize = req
-            .resource_logs
-            .iter()
-            .flat_map(|r| &r.scope_logs)
-            .map(|s| s.log_records.len())
-            .sum();
+        let n: usize = req.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum();
         SelfMetrics::add(&self.metrics.logs_received, n as u64);
-        let classified = self
-            .classifier
-            .classify_logs(&req.resource_logs, crate::now_ns());
+        let classified = self.classifier.classify_logs(&req.resource_logs, crate::now_ns());
         self.submit(classified).await
     }
 
@@ -66,9 +52,6 @@ impl Intake {
             tracing::debug!(rejected = c.rejected, reason = %message, "rejected invalid business records");
         }
         self.tracker.submit(c.signals).await?;
-        Ok(Accepted {
-            rejected: c.rejected as i64,
-            message,
-        })
+        Ok(Accepted { rejected: c.rejected as i64, message })
     }
 }

@@ -20,13 +20,8 @@ impl DeadlineRule {
             .time
             .parse()
             .map_err(|e| format!("time {:?} is not HH:MM or HH:MM:SS: {e}", d.time))?;
-        let tz = TimeZone::get(&d.timezone)
-            .map_err(|_| format!("unknown IANA time zone {:?}", d.timezone))?;
-        Ok(DeadlineRule {
-            time,
-            tz,
-            label: format!("{} {}", d.time, d.timezone),
-        })
+        let tz = TimeZone::get(&d.timezone).map_err(|_| format!("unknown IANA time zone {:?}", d.timezone))?;
+        Ok(DeadlineRule { time, tz, label: format!("{} {}", d.time, d.timezone) })
     }
 
     /// The first deadline instant strictly after `after_ns`.
@@ -57,11 +52,7 @@ pub fn check_run(run: &mut ProcessRun, exp: &ProcessExpectations, now_ns: i64) -
             run.status = RunStatus::Stalled;
             run.add_violation(Violation {
                 rule: "stall_after".into(),
-                message: format!(
-                    "no signal for {} (expected one at least every {})",
-                    human(idle),
-                    human(stall.as_nanos() as i64)
-                ),
+                message: format!("no signal for {} (expected one at least every {})", human(idle), human(stall.as_nanos() as i64)),
                 at_ns: now_ns,
             });
             changed = true;
@@ -73,11 +64,7 @@ pub fn check_run(run: &mut ProcessRun, exp: &ProcessExpectations, now_ns: i64) -
         if took > max.as_nanos() as i64 {
             changed |= run.add_violation(Violation {
                 rule: "max_duration".into(),
-                message: format!(
-                    "ran for {}, longer than the expected {}",
-                    human(took),
-                    human(max.as_nanos() as i64)
-                ),
+                message: format!("ran for {}, longer than the expected {}", human(took), human(max.as_nanos() as i64)),
                 at_ns: now_ns,
             });
         }
@@ -95,9 +82,7 @@ pub fn check_counts(run: &mut ProcessRun, exp: &ProcessExpectations, now_ns: i64
             if n > max {
                 changed |= run.add_violation(Violation {
                     rule: format!("expected_records.{outcome}.max"),
-                    message: format!(
-                        "{n} {outcome} records, more than the expected maximum of {max}"
-                    ),
+                    message: format!("{n} {outcome} records, more than the expected maximum of {max}"),
                     at_ns: now_ns,
                 });
             }
@@ -106,9 +91,7 @@ pub fn check_counts(run: &mut ProcessRun, exp: &ProcessExpectations, now_ns: i64
             if n < min {
                 changed |= run.add_violation(Violation {
                     rule: format!("expected_records.{outcome}.min"),
-                    message: format!(
-                        "{n} {outcome} records, fewer than the expected minimum of {min}"
-                    ),
+                    message: format!("{n} {outcome} records, fewer than the expected minimum of {min}"),
                     at_ns: now_ns,
                 });
             }
@@ -134,25 +117,13 @@ mod tests {
 
     #[test]
     fn deadline_next_occurrence_respects_zone() {
-        let d = DeadlineRule::parse(&Deadline {
-            time: "06:00".into(),
-            timezone: "Europe/Berlin".into(),
-        })
-        .unwrap();
+        let d = DeadlineRule::parse(&Deadline { time: "06:00".into(), timezone: "Europe/Berlin".into() }).unwrap();
         // 2026-11-21T12:00:00Z → next 06:00 Berlin (UTC+1 in winter) is 2026-11-22T05:00:00Z.
         let now: Timestamp = "2026-11-21T12:00:00Z".parse().unwrap();
         let next = d.next_after(now.as_nanosecond() as i64);
         let want: Timestamp = "2026-11-22T05:00:00Z".parse().unwrap();
         assert_eq!(next, want.as_nanosecond() as i64);
-        assert!(DeadlineRule::parse(&Deadline {
-            time: "06:00".into(),
-            timezone: "Mars/Olympus".into()
-        })
-        .is_err());
-        assert!(DeadlineRule::parse(&Deadline {
-            time: "6 o'clock".into(),
-            timezone: "UTC".into()
-        })
-        .is_err());
+        assert!(DeadlineRule::parse(&Deadline { time: "06:00".into(), timezone: "Mars/Olympus".into() }).is_err());
+        assert!(DeadlineRule::parse(&Deadline { time: "6 o'clock".into(), timezone: "UTC".into() }).is_err());
     }
 }

@@ -146,10 +146,7 @@ impl ProcessRun {
     }
 
     pub fn key(&self) -> RunKey {
-        RunKey {
-            process: self.process.clone(),
-            run_id: self.run_id.clone(),
-        }
+        RunKey { process: self.process.clone(), run_id: self.run_id.clone() }
     }
 
     pub fn ended_at_ns(&self) -> Option<i64> {
@@ -161,9 +158,7 @@ impl ProcessRun {
     }
 
     pub fn duration_seconds(&self, now_ns: i64) -> f64 {
-        let end = self
-            .ended_at_ns()
-            .unwrap_or(now_ns.max(self.last_seen_at_ns));
+        let end = self.ended_at_ns().unwrap_or(now_ns.max(self.last_seen_at_ns));
         (end.saturating_sub(self.started_at_ns)).max(0) as f64 / 1e9
     }
 
@@ -180,36 +175,20 @@ impl ProcessRun {
             self.services.insert(s.service.clone());
         }
         for (i, fact) in s.facts.iter().enumerate() {
-            let sample = |v: f64| Sample {
-                at_ns: s.time_ns,
-                value: v,
-                tie: event_id(s.id, i as u32 + 1),
-            };
+            let sample = |v: f64| Sample { at_ns: s.time_ns, value: v, tie: event_id(s.id, i as u32 + 1) };
             match fact {
-                Fact::Records { outcome, count } => {
-                    *self.counts.entry(outcome.clone()).or_insert(0.0) += count
-                }
+                Fact::Records { outcome, count } => *self.counts.entry(outcome.clone()).or_insert(0.0) += count,
                 Fact::ProgressDone(v) => {
                     let smp = sample(*v);
-                    if self
-                        .progress_first
-                        .as_ref()
-                        .is_none_or(|f| !smp.newer_than(f))
-                    {
+                    if self.progress_first.as_ref().is_none_or(|f| !smp.newer_than(f)) {
                         self.progress_first = Some(smp.clone());
                     }
                     latest(&mut self.progress_done, smp);
                 }
                 Fact::ProgressTotal(v) => latest(&mut self.progress_total, sample(*v)),
                 Fact::Milestone(name) => self.add_milestone(name, s.time_ns),
-                Fact::Note(text) => self.add_note(Note {
-                    at_ns: s.time_ns,
-                    text: text.clone(),
-                }),
-                Fact::Payload(json) => self.add_payload(Payload {
-                    at_ns: s.time_ns,
-                    json: json.clone(),
-                }),
+                Fact::Note(text) => self.add_note(Note { at_ns: s.time_ns, text: text.clone() }),
+                Fact::Payload(json) => self.add_payload(Payload { at_ns: s.time_ns, json: json.clone() }),
                 Fact::Value { name, value } => {
                     let smp = sample(*value);
                     match self.values.get_mut(name) {
@@ -219,18 +198,11 @@ impl ProcessRun {
                         }
                     }
                 }
-                Fact::Status {
-                    status: LifecycleStatus::Started,
-                    ..
-                } => {}
+                Fact::Status { status: LifecycleStatus::Started, .. } => {}
                 Fact::Status { status, error } => {
                     let t = Terminal {
                         at_ns: s.time_ns,
-                        status: if *status == LifecycleStatus::Failed {
-                            RunStatus::Failed
-                        } else {
-                            RunStatus::Succeeded
-                        },
+                        status: if *status == LifecycleStatus::Failed { RunStatus::Failed } else { RunStatus::Succeeded },
                         error: error.clone(),
                         tie: event_id(s.id, i as u32 + 1),
                     };
@@ -248,10 +220,7 @@ impl ProcessRun {
         let replace = match &self.terminal {
             None => true,
             // Latest terminal signal wins; at equal times "failed" wins, then the tie.
-            Some(cur) => {
-                (t.at_ns, t.status == RunStatus::Failed, &t.tie)
-                    > (cur.at_ns, cur.status == RunStatus::Failed, &cur.tie)
-            }
+            Some(cur) => (t.at_ns, t.status == RunStatus::Failed, &t.tie) > (cur.at_ns, cur.status == RunStatus::Failed, &cur.tie),
         };
         if replace {
             self.status = t.status;
@@ -262,13 +231,9 @@ impl ProcessRun {
     fn add_milestone(&mut self, name: &str, at_ns: i64) {
         match self.milestones.iter_mut().find(|m| m.name == name) {
             Some(m) => m.at_ns = m.at_ns.min(at_ns),
-            None => self.milestones.push(Milestone {
-                name: name.to_string(),
-                at_ns,
-            }),
+            None => self.milestones.push(Milestone { name: name.to_string(), at_ns }),
         }
-        self.milestones
-            .sort_by(|a, b| (a.at_ns, &a.name).cmp(&(b.at_ns, &b.name)));
+        self.milestones.sort_by(|a, b| (a.at_ns, &a.name).cmp(&(b.at_ns, &b.name)));
     }
 
     fn add_note(&mut self, n: Note) {
@@ -306,11 +271,7 @@ impl ProcessRun {
             latest(&mut self.progress_total, s.clone());
         }
         if let Some(s) = &o.progress_first {
-            if self
-                .progress_first
-                .as_ref()
-                .is_none_or(|f| !s.newer_than(f))
-            {
+            if self.progress_first.as_ref().is_none_or(|f| !s.newer_than(f)) {
                 self.progress_first = Some(s.clone());
             }
         }
@@ -339,9 +300,7 @@ impl ProcessRun {
         if let Some(t) = &o.terminal {
             self.set_terminal(t.clone());
         }
-        if self.terminal.is_none()
-            && !(self.status == RunStatus::Stalled && o.status == RunStatus::Stalled)
-        {
+        if self.terminal.is_none() && !(self.status == RunStatus::Stalled && o.status == RunStatus::Stalled) {
             self.status = RunStatus::Running;
         }
     }
@@ -366,11 +325,7 @@ impl ProcessRun {
         if self.terminal.is_some() {
             return None;
         }
-        let (first, done, total) = (
-            self.progress_first.as_ref()?,
-            self.progress_done.as_ref()?,
-            self.progress_total.as_ref()?,
-        );
+        let (first, done, total) = (self.progress_first.as_ref()?, self.progress_done.as_ref()?, self.progress_total.as_ref()?);
         let dt = (done.at_ns - first.at_ns) as f64;
         let dv = done.value - first.value;
         if dt <= 0.0 || dv <= 0.0 || total.value <= done.value {

@@ -57,12 +57,7 @@ pub trait Observer: Send + Sync {
     /// `signals`: the new (non-duplicate) signals of the commit, each with
     /// the run id it was filed under; `changes`: every run the commit changed;
     /// `process_violations`: violations recorded on processes (no run).
-    fn committed(
-        &self,
-        signals: &[(&Signal, &str)],
-        changes: &[RunChange],
-        process_violations: &[(String, Violation)],
-    );
+    fn committed(&self, signals: &[(&Signal, &str)], changes: &[RunChange], process_violations: &[(String, Violation)]);
 }
 
 struct Submission {
@@ -117,10 +112,7 @@ struct RunEntry {
 
 impl Clone for RunEntry {
     fn clone(&self) -> Self {
-        RunEntry {
-            run: self.run.clone(),
-            seen: self.seen.clone(),
-        }
+        RunEntry { run: self.run.clone(), seen: self.seen.clone() }
     }
 }
 
@@ -178,12 +170,7 @@ impl Tracker {
             .collect();
         let (changes, _) = broadcast::channel(4096);
         let (tx, rx) = sync_channel(pipeline.queue_capacity);
-        let handle = TrackerHandle {
-            tx,
-            metrics: metrics.clone(),
-            ack_timeout: pipeline.ack_timeout,
-            changes: changes.clone(),
-        };
+        let handle = TrackerHandle { tx, metrics: metrics.clone(), ack_timeout: pipeline.ack_timeout, changes: changes.clone() };
         tracing::info!(open_runs = runs.len(), "run tracker loaded open runs");
         let tracker = Tracker {
             last_success: store.last_successes()?.into_iter().collect(),
@@ -207,9 +194,7 @@ impl Tracker {
     fn run(mut self, rx: Receiver<Submission>, shutdown: Arc<AtomicBool>) {
         let mut next_tick = Instant::now() + self.pipeline.tick;
         loop {
-            let wait = next_tick
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(100));
+            let wait = next_tick.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
             match rx.recv_timeout(wait) {
                 Ok(first) => {
                     let mut batch = vec![first];
@@ -219,9 +204,7 @@ impl Tracker {
                             Err(_) => break,
                         }
                     }
-                    self.metrics
-                        .queue_depth
-                        .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+                    self.metrics.queue_depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
                     self.commit(batch);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -235,9 +218,7 @@ impl Tracker {
                 // Receivers are closed by now: drain what they queued, then stop.
                 let rest: Vec<_> = rx.try_iter().collect();
                 if !rest.is_empty() {
-                    self.metrics
-                        .queue_depth
-                        .fetch_sub(rest.len() as u64, Ordering::Relaxed);
+                    self.metrics.queue_depth.fetch_sub(rest.len() as u64, Ordering::Relaxed);
                     self.commit(rest);
                 }
                 break;
@@ -278,9 +259,7 @@ impl Tracker {
             work.batch.runs = work.dirty.values().map(|e| e.run.clone()).collect();
             let started = Instant::now();
             result = self.store.write(&work.batch);
-            self.metrics
-                .storage_commit_nanos
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.metrics.storage_commit_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         match result {
             Ok(()) => {
@@ -292,11 +271,7 @@ impl Tracker {
                     // A trace-keyed run folded into a named one: observers see it end as merged (after == before).
                     if let Some(old) = self.runs.remove(key) {
                         let run = Arc::new(old.run);
-                        changes.push(RunChange {
-                            key: key.clone(),
-                            before: Some(run.clone()),
-                            after: run,
-                        });
+                        changes.push(RunChange { key: key.clone(), before: Some(run.clone()), after: run });
                     }
                 }
                 self.aliases.extend(work.aliases);
@@ -307,18 +282,10 @@ impl Tracker {
                         *cur = (*cur).max(end);
                     }
                     let before = self.runs.get(&key).map(|b| Arc::new(b.run.clone()));
-                    changes.push(RunChange {
-                        key: key.clone(),
-                        before,
-                        after: Arc::new(e.run.clone()),
-                    });
+                    changes.push(RunChange { key: key.clone(), before, after: Arc::new(e.run.clone()) });
                     self.runs.insert(key, e);
                 }
-                let signals: Vec<(&Signal, &str)> = work
-                    .accepted
-                    .iter()
-                    .map(|(si, i, r)| (&batch[*si].signals[*i], r.as_str()))
-                    .collect();
+                let signals: Vec<(&Signal, &str)> = work.accepted.iter().map(|(si, i, r)| (&batch[*si].signals[*i], r.as_str())).collect();
                 for o in &self.observers {
                     o.committed(&signals, &changes, &[]);
                 }
@@ -342,12 +309,7 @@ impl Tracker {
 
     /// Folds one signal into its run's working copy; returns the run id it
     /// was filed under, `None` for a duplicate.
-    fn fold(
-        &mut self,
-        s: &Signal,
-        now: i64,
-        work: &mut Work,
-    ) -> Result<Option<String>, StorageError> {
+    fn fold(&mut self, s: &Signal, now: i64, work: &mut Work) -> Result<Option<String>, StorageError> {
         let key = self.route(s, work)?;
         let entry = self.entry(&key, work, now)?;
         if !entry.seen.insert(s.id) {
@@ -364,40 +326,24 @@ impl Tracker {
         let process = &s.process;
         let trace_key = (process.clone(), s.trace_id.clone());
         if let Some(run_id) = &s.run_id {
-            let key = RunKey {
-                process: process.clone(),
-                run_id: run_id.clone(),
-            };
+            let key = RunKey { process: process.clone(), run_id: run_id.clone() };
             let traced = !s.trace_id.is_empty() && s.trace_id != *run_id;
-            if traced
-                && !work.aliases.contains_key(&trace_key)
-                && !self.aliases.contains_key(&trace_key)
-            {
+            if traced && !work.aliases.contains_key(&trace_key) && !self.aliases.contains_key(&trace_key) {
                 // First alias wins, also across restarts.
                 if let Some(existing) = self.store.alias(process, &s.trace_id)? {
                     self.aliases.insert(trace_key, existing);
                     return Ok(key);
                 }
                 work.aliases.insert(trace_key.clone(), run_id.clone());
-                work.batch
-                    .aliases
-                    .push((process.clone(), s.trace_id.clone(), run_id.clone()));
-                let tkey = RunKey {
-                    process: process.clone(),
-                    run_id: s.trace_id.clone(),
-                };
+                work.batch.aliases.push((process.clone(), s.trace_id.clone(), run_id.clone()));
+                let tkey = RunKey { process: process.clone(), run_id: s.trace_id.clone() };
                 if let Some(old) = self.take_entry(&tkey, work)? {
                     let now = crate::now_ns();
                     let target = self.entry(&key, work, now)?;
                     target.run.merge(&old.run);
                     target.seen.extend(old.seen);
                     // Events of the trace-keyed run queued in this very commit move too.
-                    for e in work
-                        .batch
-                        .events
-                        .iter_mut()
-                        .filter(|e| e.process == tkey.process && e.run_id == tkey.run_id)
-                    {
+                    for e in work.batch.events.iter_mut().filter(|e| e.process == tkey.process && e.run_id == tkey.run_id) {
                         e.run_id = run_id.clone();
                     }
                     work.batch.merges.push((tkey.clone(), run_id.clone()));
@@ -406,49 +352,28 @@ impl Tracker {
             }
             return Ok(key);
         }
-        if let Some(r) = work
-            .aliases
-            .get(&trace_key)
-            .or_else(|| self.aliases.get(&trace_key))
-        {
-            return Ok(RunKey {
-                process: process.clone(),
-                run_id: r.clone(),
-            });
+        if let Some(r) = work.aliases.get(&trace_key).or_else(|| self.aliases.get(&trace_key)) {
+            return Ok(RunKey { process: process.clone(), run_id: r.clone() });
         }
-        let tkey = RunKey {
-            process: process.clone(),
-            run_id: s.trace_id.clone(),
-        };
+        let tkey = RunKey { process: process.clone(), run_id: s.trace_id.clone() };
         if work.dirty.contains_key(&tkey) || self.runs.contains_key(&tkey) {
             return Ok(tkey);
         }
         if let Some(r) = self.store.alias(process, &s.trace_id)? {
             self.aliases.insert(trace_key, r.clone());
-            return Ok(RunKey {
-                process: process.clone(),
-                run_id: r,
-            });
+            return Ok(RunKey { process: process.clone(), run_id: r });
         }
         Ok(tkey)
     }
 
     /// The working copy of a run: already touched, in memory, in storage, or new.
-    fn entry<'w>(
-        &mut self,
-        key: &RunKey,
-        work: &'w mut Work,
-        now: i64,
-    ) -> Result<&'w mut RunEntry, StorageError> {
+    fn entry<'w>(&mut self, key: &RunKey, work: &'w mut Work, now: i64) -> Result<&'w mut RunEntry, StorageError> {
         if !work.dirty.contains_key(key) {
             let e = match self.runs.get(key) {
                 Some(e) => e.clone(),
                 None => match self.load(key)? {
                     Some(e) => e,
-                    None => RunEntry {
-                        run: ProcessRun::new(key, now),
-                        seen: HashSet::new(),
-                    },
+                    None => RunEntry { run: ProcessRun::new(key, now), seen: HashSet::new() },
                 },
             };
             work.dirty.insert(key.clone(), e);
@@ -456,11 +381,7 @@ impl Tracker {
         Ok(work.dirty.get_mut(key).expect("inserted above"))
     }
 
-    fn take_entry(
-        &mut self,
-        key: &RunKey,
-        work: &mut Work,
-    ) -> Result<Option<RunEntry>, StorageError> {
+    fn take_entry(&mut self, key: &RunKey, work: &mut Work) -> Result<Option<RunEntry>, StorageError> {
         if let Some(e) = work.dirty.remove(key) {
             return Ok(Some(e));
         }
@@ -471,9 +392,7 @@ impl Tracker {
     }
 
     fn load(&self, key: &RunKey) -> Result<Option<RunEntry>, StorageError> {
-        let Some(run) = self.store.get_run(key)? else {
-            return Ok(None);
-        };
+        let Some(run) = self.store.get_run(key)? else { return Ok(None) };
         let seen = self.store.signal_ids(key)?.into_iter().collect();
         Ok(Some(RunEntry { run, seen }))
     }
@@ -483,18 +402,13 @@ impl Tracker {
         let mut batch = WriteBatch::default();
         let mut changed: Vec<RunEntry> = Vec::new();
         for (key, e) in &self.runs {
-            let Some(exp) = self.expectations.get(&key.process) else {
-                continue;
-            };
+            let Some(exp) = self.expectations.get(&key.process) else { continue };
             if e.run.status.is_terminal() {
                 continue;
             }
             let mut copy = e.run.clone();
             if check_run(&mut copy, exp, now) {
-                changed.push(RunEntry {
-                    run: copy,
-                    seen: HashSet::new(),
-                });
+                changed.push(RunEntry { run: copy, seen: HashSet::new() });
             }
         }
         let mut fired = Vec::new();
@@ -504,19 +418,11 @@ impl Tracker {
             }
             fired.push(process.clone());
             let window_start = *next - 86_400_000_000_000;
-            if self
-                .last_success
-                .get(process)
-                .is_some_and(|t| *t >= window_start)
-            {
+            if self.last_success.get(process).is_some_and(|t| *t >= window_start) {
                 continue;
             }
             let message = format!("no successful run by {}", rule.label);
-            let v = Violation {
-                rule: "deadline".into(),
-                message,
-                at_ns: now,
-            };
+            let v = Violation { rule: "deadline".into(), message, at_ns: now };
             let mut any_open = false;
             for (key, e) in &self.runs {
                 if key.process != *process || e.run.status.is_terminal() {
@@ -528,27 +434,11 @@ impl Tracker {
                     Some(i) => changed.remove(i).run,
                     None => e.run.clone(),
                 };
-                copy.add_violation(Violation {
-                    message: format!(
-                        "{} (this run was still {})",
-                        v.message,
-                        copy.status.as_str()
-                    ),
-                    ..v.clone()
-                });
-                changed.push(RunEntry {
-                    run: copy,
-                    seen: HashSet::new(),
-                });
+                copy.add_violation(Violation { message: format!("{} (this run was still {})", v.message, copy.status.as_str()), ..v.clone() });
+                changed.push(RunEntry { run: copy, seen: HashSet::new() });
             }
             if !any_open {
-                batch.process_violations.push((
-                    process.clone(),
-                    Violation {
-                        message: format!("{}; no run was in progress", v.message),
-                        ..v
-                    },
-                ));
+                batch.process_violations.push((process.clone(), Violation { message: format!("{}; no run was in progress", v.message), ..v }));
             }
         }
         batch.runs = changed.iter().map(|e| e.run.clone()).collect();
@@ -572,11 +462,7 @@ impl Tracker {
             let key = c.run.key();
             if let Some(e) = self.runs.get_mut(&key) {
                 let before = Arc::new(std::mem::replace(&mut e.run, c.run));
-                changes.push(RunChange {
-                    key,
-                    before: Some(before),
-                    after: Arc::new(e.run.clone()),
-                });
+                changes.push(RunChange { key, before: Some(before), after: Arc::new(e.run.clone()) });
             }
         }
         if !changes.is_empty() || !batch.process_violations.is_empty() {
@@ -588,7 +474,6 @@ impl Tracker {
             let _ = self.changes.send(c);
         }
         let keep = KEEP_ENDED.as_nanos() as i64;
-        self.runs
-            .retain(|_, e| !e.run.status.is_terminal() || now - e.run.last_received_at_ns < keep);
+        self.runs.retain(|_, e| !e.run.status.is_terminal() || now - e.run.last_received_at_ns < keep);
     }
 }

@@ -35,11 +35,7 @@ pub struct WriteBatch {
 
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-            && self.runs.is_empty()
-            && self.merges.is_empty()
-            && self.aliases.is_empty()
-            && self.process_violations.is_empty()
+        self.events.is_empty() && self.runs.is_empty() && self.merges.is_empty() && self.aliases.is_empty() && self.process_violations.is_empty()
     }
 }
 
@@ -83,16 +79,9 @@ impl RunCursor {
         if s.len() % 2 != 0 || s.len() > 4096 {
             return None;
         }
-        let bytes = (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()?;
+        let bytes = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect::<Option<Vec<u8>>>()?;
         let (t, p, r): (i64, String, String) = serde_json::from_slice(&bytes).ok()?;
-        Some(RunCursor {
-            started_at_ns: t,
-            process: p,
-            run_id: r,
-        })
+        Some(RunCursor { started_at_ns: t, process: p, run_id: r })
     }
 }
 
@@ -110,8 +99,7 @@ pub trait Store: Send + Sync + 'static {
     fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError>;
     fn list_processes(&self) -> Result<Vec<ProcessSummary>, StorageError>;
     /// Newest first; returns the page and the cursor of the next one.
-    fn list_runs(&self, q: &RunQuery)
-        -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError>;
+    fn list_runs(&self, q: &RunQuery) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError>;
     /// A run's events in time order.
     fn run_events(&self, key: &RunKey, limit: usize) -> Result<Vec<BusinessEvent>, StorageError>;
     /// Waits until everything written is visible to reads (backends that
