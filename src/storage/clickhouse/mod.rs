@@ -479,6 +479,21 @@ impl ClickHouseStore {
         unavailable(&self.shared.cfg, e)
     }
 
+    /// Reads on the tracker's path (a run, its signal ids, an alias) must not
+    /// stop intake while ClickHouse is unreachable: they fall back to what the
+    /// spool holds (`Pending`). The cost is bounded: run counts, progress and
+    /// the terminal status are rebuilt from events at read time anyway; only
+    /// violations and stalls of a run not in memory could be missed.
+    fn degrade<T>(&self, r: Result<T, StorageError>, fallback: T) -> Result<T, StorageError> {
+        match r {
+            Err(StorageError::Unavailable(e)) => {
+                tracing::debug!(error = %e, "ClickHouse unreachable; answering from the spool");
+                Ok(fallback)
+            }
+            other => other,
+        }
+    }
+
     /// Adds what the aggregate does not hold: values, notes, payloads and the
     /// first progress sample (from events), violations and receive time (from run_state).
     fn build_runs(&self, rows: Vec<RunRow>) -> Result<Vec<ProcessRun>, StorageError> {
@@ -814,11 +829,11 @@ impl Store for ClickHouseStore {
             limit: 1,
             ..Default::default()
         };
-        Ok(self.query_runs(&f)?.into_iter().next())
+        self.degrade(self.query_runs(&f).map(|r| r.into_iter().next()), None)
     }
 
     fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
-        let ids: Vec<String> = self
+        let ids: Result<Vec<String>, StorageError> = self
             .block(
                 self.client()
                     .query("SELECT DISTINCT signal_id FROM business_events WHERE process = ? AND run_id = ?")
@@ -826,7 +841,8 @@ impl Store for ClickHouseStore {
                     .bind(&key.run_id)
                     .fetch_all(),
             )
-            .map_err(|e| self.read_err(e))?;
+            .map_err(|e| self.read_err(e));
+        let ids = self.degrade(ids, Vec::new())?;
         let mut out: HashSet<u128> = HashSet::new();
         for s in ids {
             out.insert(
@@ -841,7 +857,7 @@ impl Store for ClickHouseStore {
     }
 
     fn alias(&self, process: &str, trace_id: &str) -> Result<Option<String>, StorageError> {
-        let stored: Option<String> = self
+        let stored: Result<Option<String>, StorageError> = self
             .block(
                 self.client()
                     .query("SELECT argMin(run_id, created_ns) FROM run_aliases WHERE process = ? AND trace_id = ? GROUP BY process, trace_id")
@@ -849,7 +865,8 @@ impl Store for ClickHouseStore {
                     .bind(trace_id)
                     .fetch_optional(),
             )
-            .map_err(|e| self.read_err(e))?;
+            .map_err(|e| self.read_err(e));
+        let stored = self.degrade(stored, None)?;
         if stored.is_some() {
             return Ok(stored);
         }
