@@ -245,6 +245,9 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, StorageError> {
     for s in schema::bootstrap(&o) {
         ddl(s).await?;
     }
+    // An existing events table that differs from ours is reported as such,
+    // before a migration trips over it.
+    verify(cfg, &client, true).await?;
     let db = &cfg.database;
     let applied: Vec<u32> = client
         .query(&format!(
@@ -281,12 +284,16 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, StorageError> {
             .map_err(|e| unavailable(cfg, e))?;
         now.push(m.version);
     }
-    verify(cfg, &client).await?;
+    verify(cfg, &client, false).await?;
     Ok(now)
 }
 
 /// Checks that `business_events` has the columns and types bizsignal writes.
-async fn verify(cfg: &ClickHouseConfig, client: &clickhouse::Client) -> Result<(), StorageError> {
+async fn verify(
+    cfg: &ClickHouseConfig,
+    client: &clickhouse::Client,
+    absent_ok: bool,
+) -> Result<(), StorageError> {
     let table = if cfg.cluster.is_some() {
         "business_events_local"
     } else {
@@ -299,6 +306,9 @@ async fn verify(cfg: &ClickHouseConfig, client: &clickhouse::Client) -> Result<(
         .fetch_all()
         .await
         .map_err(|e| unavailable(cfg, e))?;
+    if cols.is_empty() && absent_ok {
+        return Ok(());
+    }
     let have: HashMap<&str, &str> = cols.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
     let mut problems = Vec::new();
     for (name, ty) in schema::EVENT_COLUMNS {
