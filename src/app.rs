@@ -60,6 +60,9 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
                 .map_err(|e| StorageError::Unavailable(e.to_string()))??;
             Arc::new(store)
         }
+        StorageKind::Clickhouse => {
+            Arc::new(crate::storage::clickhouse::ClickHouseStore::open(&config.storage.clickhouse, &config.data_dir, metrics.clone()).await?)
+        }
     };
     let classifier = Arc::new(Classifier::new(config.limits.clone(), &config.rules).map_err(AppError::Config)?);
 

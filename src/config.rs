@@ -159,14 +159,16 @@ impl Default for PipelineConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// `sqlite` (embedded default).
+    /// `sqlite` (embedded default) or `clickhouse`.
     pub kind: StorageKind,
     pub sqlite: SqliteConfig,
+    /// Used when `kind: clickhouse`.
+    pub clickhouse: ClickHouseConfig,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { kind: StorageKind::Sqlite, sqlite: SqliteConfig::default() }
+        StorageConfig { kind: StorageKind::Sqlite, sqlite: SqliteConfig::default(), clickhouse: ClickHouseConfig::default() }
     }
 }
 
@@ -174,6 +176,89 @@ impl Default for StorageConfig {
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
     Sqlite,
+    Clickhouse,
+}
+
+/// ClickHouse over HTTP (RowBinary, LZ4). See docs/storage.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// `http://host:8123` (plain HTTP; put TLS in front with a proxy).
+    pub url: String,
+    /// Database for bizsignal's tables; created if missing.
+    pub database: String,
+    pub user: String,
+    /// Password, usually `${env:CLICKHOUSE_PASSWORD}`.
+    pub password: Option<String>,
+    /// File whose first line is the password (alternative to `password`).
+    pub password_file: Option<PathBuf>,
+    /// Cluster name: `ON CLUSTER` DDL, `Replicated*` engines, `Distributed` tables.
+    pub cluster: Option<String>,
+    /// Days of events to keep (0 = forever).
+    pub ttl_days: u32,
+    /// LZ4 compression of requests and responses.
+    pub compression: bool,
+    /// Rows per insert (per table).
+    pub batch_max_rows: usize,
+    /// Longest a row waits before its batch is sent.
+    #[serde(deserialize_with = "de_duration")]
+    pub batch_max_wait: Duration,
+    /// Use ClickHouse's server-side async inserts (`async_insert=1`,
+    /// `wait_for_async_insert=1`); off by default because bizsignal batches itself.
+    pub async_insert: bool,
+    /// Timeout of one request.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+    /// Longest pause between retries of a failed insert.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_backoff: Duration,
+    /// Largest on-disk spool (signals waiting for ClickHouse); when full,
+    /// receivers answer with retryable statuses.
+    #[serde(deserialize_with = "de_bytes")]
+    pub spool_max_bytes: usize,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://localhost:8123".into(),
+            database: "bizsignal".into(),
+            user: "default".into(),
+            password: None,
+            password_file: None,
+            cluster: None,
+            ttl_days: 90,
+            compression: true,
+            batch_max_rows: 10_000,
+            batch_max_wait: Duration::from_secs(1),
+            async_insert: false,
+            request_timeout: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(30),
+            spool_max_bytes: 1 << 30,
+        }
+    }
+}
+
+impl ClickHouseConfig {
+    /// The password from `password` or `password_file`.
+    pub fn resolve_password(&self) -> Result<String, String> {
+        match (&self.password, &self.password_file) {
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map(|s| s.lines().next().unwrap_or("").to_string())
+                .map_err(|e| format!("cannot read password file {}: {e}", f.display())),
+            (None, None) => Ok(String::new()),
+            (Some(_), Some(_)) => Err("give password or password_file, not both".into()),
+        }
+    }
+}
+
+/// ClickHouse database and cluster names are spliced into DDL, so they must be plain identifiers.
+pub fn valid_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 128
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -401,6 +486,46 @@ impl Config {
                 .map_err(|(path, reason)| ConfigError::at(file, format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }), reason))?;
         }
         crate::metrics::user::validate(&self.metrics).map_err(|(path, reason)| ConfigError::at(file, path, reason))?;
+        if self.storage.kind == StorageKind::Clickhouse {
+            let ch = &self.storage.clickhouse;
+            let at =
+                |k: &str, r: String| ConfigError::at(file, format!("storage.clickhouse.{k}"), r);
+            if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+                return Err(at("url", format!("{:?} must start with http://", ch.url)));
+            }
+            if ch.url.starts_with("https://") {
+                return Err(at("url", "https is not built in; use http:// (e.g. behind a TLS proxy or on a private network)".into()));
+            }
+            if !valid_identifier(&ch.database) {
+                return Err(at(
+                    "database",
+                    format!(
+                        "{:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
+                        ch.database
+                    ),
+                ));
+            }
+            if let Some(c) = &ch.cluster {
+                if !valid_identifier(c) {
+                    return Err(at(
+                        "cluster",
+                        format!("{c:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)"),
+                    ));
+                }
+            }
+            if ch.password.is_some() && ch.password_file.is_some() {
+                return Err(at(
+                    "password_file",
+                    "give password or password_file, not both".into(),
+                ));
+            }
+            if ch.batch_max_rows == 0 {
+                return Err(at("batch_max_rows", "must be greater than zero".into()));
+            }
+            if ch.spool_max_bytes < 1 << 20 {
+                return Err(at("spool_max_bytes", "must be at least 1MiB".into()));
+            }
+        }
         if let Some(t) = &self.ui.trace_url_template {
             if !t.contains("{trace_id}") {
                 return Err(ConfigError::at(file, "ui.trace_url_template", "must contain {trace_id}"));

@@ -36,6 +36,15 @@ enum Command {
     },
     /// Validate a config file without starting.
     CheckConfig { file: PathBuf },
+    /// Apply the ClickHouse schema migrations (or print their DDL).
+    Migrate {
+        /// YAML config file with `storage.kind: clickhouse`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the DDL without connecting.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Send realistic business telemetry through the OTLP exporter.
     Demo {
         /// OTLP endpoint [default: http://localhost:4317 for grpc, http://localhost:4318 for http]
@@ -74,6 +83,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Migrate { config, dry_run } => migrate(config, dry_run),
         Command::Serve { config, otlp_grpc, otlp_http, http, data_dir } => {
             init_logging();
             let loaded = match config {
@@ -142,6 +152,48 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn migrate(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
+    let cfg = match config.map(|p| Config::load(&p)).unwrap_or_else(|| Ok(Config::default())) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ch = &cfg.storage.clickhouse;
+    if dry_run {
+        print!("{}", bizsignal::storage::clickhouse::ddl_text(ch));
+        return ExitCode::SUCCESS;
+    }
+    if cfg.storage.kind != bizsignal::config::StorageKind::Clickhouse {
+        eprintln!("migrate: storage.kind is not clickhouse (SQLite migrates itself at start-up)");
+        return ExitCode::FAILURE;
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(bizsignal::storage::clickhouse::migrate(ch)) {
+        Ok(applied) if applied.is_empty() => {
+            println!("schema is up to date");
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            for v in applied {
+                println!("applied migration {v}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -4,4 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The ClickHouse tests run the real `clickhouse` client against ClickHouse's
+# engine through chDB behind tests/support/chdb_http.py (unless
+# BIZSIGNAL_TEST_CLICKHOUSE_URL points at a real server). Create its venv once.
+VENV=.venv-test
+if ! "$VENV/bin/python" -c 'import chdb, lz4, clickhouse_cityhash' 2>/dev/null; then
+    python3 -m venv "$VENV" || { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$VENV"; }
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/support/requirements.txt
+fi
+export BIZSIGNAL_TEST_PYTHON="$PWD/$VENV/bin/python"
+
 cargo test --all-targets --locked

@@ -443,6 +443,36 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
             }
         })
         .build();
+    // The ClickHouse spool and writer; zero with the SQLite backend.
+    let ch_counters: [(&'static str, &'static str, &'static str, Getter); 3] = [
+        ("bizsignal.clickhouse.rows_written", "{row}", "Event rows drained from the spool into ClickHouse (replay progress).", |m| {
+            m.clickhouse.replayed_rows.load(Relaxed)
+        }),
+        ("bizsignal.clickhouse.retries", "{insert}", "ClickHouse inserts retried after a transient failure.", |m| m.clickhouse.retries.load(Relaxed)),
+        ("bizsignal.clickhouse.dead_lettered", "{batch}", "Spooled batches ClickHouse refused permanently (see the dead-letter file).", |m| {
+            m.clickhouse.dead_lettered.load(Relaxed)
+        }),
+    ];
+    for (name, unit, desc, get) in ch_counters {
+        let m = m.clone();
+        meter.u64_observable_counter(name).with_unit(unit).with_description(desc).with_callback(move |o| o.observe(get(&m), &[])).build();
+    }
+    let ch_gauges: [(&'static str, &'static str, &'static str, fn(&SelfMetrics) -> f64); 3] = [
+        ("bizsignal.clickhouse.spool", "By", "Bytes in the ClickHouse spool (durable, not yet in ClickHouse).", |m| m.clickhouse.spool_bytes.load(Relaxed) as f64),
+        ("bizsignal.clickhouse.spool.records", "{batch}", "Committed batches in the ClickHouse spool.", |m| m.clickhouse.spool_records.load(Relaxed) as f64),
+        ("bizsignal.clickhouse.spool.oldest_age", "s", "Age of the oldest spooled batch.", |m| {
+            let oldest = m.clickhouse.spool_oldest_ns.load(Relaxed);
+            if oldest == 0 {
+                0.0
+            } else {
+                (crate::now_ns() as u64).saturating_sub(oldest) as f64 / 1e9
+            }
+        }),
+    ];
+    for (name, unit, desc, get) in ch_gauges {
+        let m = m.clone();
+        meter.f64_observable_gauge(name).with_unit(unit).with_description(desc).with_callback(move |o| o.observe(get(&m), &[])).build();
+    }
     let mm = m.clone();
     meter
         .i64_observable_gauge("bizsignal.queue.depth")

@@ -43,6 +43,21 @@ pub struct SelfMetrics {
     pub export_failures: AtomicU64,
     /// Storage write latency histogram, set once the meter provider exists.
     pub storage_write_seconds: OnceLock<opentelemetry::metrics::Histogram<f64>>,
+    /// ClickHouse spool and writer (zero with the SQLite backend).
+    pub clickhouse: ClickHouseMetrics,
+}
+
+/// The ClickHouse backend's spool and writer, kept apart from the core metrics.
+#[derive(Debug, Default)]
+pub struct ClickHouseMetrics {
+    pub enabled: std::sync::atomic::AtomicBool,
+    pub spool_bytes: AtomicU64,
+    pub spool_records: AtomicU64,
+    /// Append time (unix ns) of the oldest spooled record; 0 when empty.
+    pub spool_oldest_ns: AtomicU64,
+    pub replayed_rows: AtomicU64,
+    pub retries: AtomicU64,
+    pub dead_lettered: AtomicU64,
 }
 
 impl SelfMetrics {

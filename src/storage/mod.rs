@@ -1,9 +1,9 @@
 //! Storage behind one interface: the run tracker writes [`WriteBatch`]es and
 //! the query layer reads runs, processes and events. SQLite is the embedded
 //! default; other backends implement the same [`Store`] trait and pass the
-//! same conformance suite (`tests/storage_conformance.rs`, planned with the
-//! ClickHouse backend).
+//! same conformance suite (`tests/storage_conformance.rs`).
 
+pub mod clickhouse;
 pub mod sqlite;
 
 use crate::runs::run::{ProcessRun, Violation};
@@ -102,4 +102,9 @@ pub trait Store: Send + Sync + 'static {
     fn list_runs(&self, q: &RunQuery) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError>;
     /// A run's events in time order.
     fn run_events(&self, key: &RunKey, limit: usize) -> Result<Vec<BusinessEvent>, StorageError>;
+    /// Waits until everything written is visible to reads (backends that
+    /// write asynchronously after making a batch durable, like ClickHouse's spool).
+    fn flush(&self, _timeout: std::time::Duration) -> Result<(), StorageError> {
+        Ok(())
+    }
 }

@@ -3,6 +3,8 @@
 //! (with a deadline), never by sleeping a guessed amount.
 #![allow(dead_code)]
 
+pub mod chdb;
+
 use bizsignal::app::RunningApp;
 use bizsignal::config::Config;
 use opentelemetry_otlp::{LogExporter, SpanExporter, WithExportConfig};
@@ -39,7 +41,11 @@ impl Server {
         let mut c = base_config(dir.path());
         f(&mut c);
         let app = bizsignal::app::start(c).await.expect("server starts");
-        Server { app: Some(app), dir, http: reqwest::Client::new() }
+        Server {
+            app: Some(app),
+            dir,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Stops and starts again on the same data dir (new ports).
@@ -79,7 +85,13 @@ impl Server {
     }
 
     /// Polls a run until `pred` holds; panics with the last state after `within`.
-    pub async fn wait_run(&self, process: &str, run_id: &str, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_run(
+        &self,
+        process: &str,
+        run_id: &str,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + within;
         loop {
             let r = self.run(process, run_id).await;
@@ -96,7 +108,14 @@ impl Server {
     }
 
     pub async fn post_json(&self, path: &str, body: &str) -> (u16, String) {
-        let r = self.http.post(self.otlp_http(path)).header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
+        let r = self
+            .http
+            .post(self.otlp_http(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
@@ -108,7 +127,12 @@ impl Server {
 }
 
 pub fn fixture(name: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -119,21 +143,49 @@ pub enum Proto {
 
 /// Real SDK providers exporting to the server. Must be called from a
 /// blocking context inside the runtime (`spawn_blocking`).
-pub fn providers(endpoint: &str, proto: Proto, service: &str) -> (SdkTracerProvider, SdkLoggerProvider) {
-    let resource = Resource::builder().with_service_name(service.to_string()).build();
+pub fn providers(
+    endpoint: &str,
+    proto: Proto,
+    service: &str,
+) -> (SdkTracerProvider, SdkLoggerProvider) {
+    let resource = Resource::builder()
+        .with_service_name(service.to_string())
+        .build();
     let (spans, logs) = match proto {
         Proto::Grpc => (
-            SpanExporter::builder().with_tonic().with_endpoint(endpoint).build().unwrap(),
-            LogExporter::builder().with_tonic().with_endpoint(endpoint).build().unwrap(),
+            SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .unwrap(),
+            LogExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .unwrap(),
         ),
         Proto::HttpProtobuf => (
-            SpanExporter::builder().with_http().with_endpoint(format!("{endpoint}/v1/traces")).build().unwrap(),
-            LogExporter::builder().with_http().with_endpoint(format!("{endpoint}/v1/logs")).build().unwrap(),
+            SpanExporter::builder()
+                .with_http()
+                .with_endpoint(format!("{endpoint}/v1/traces"))
+                .build()
+                .unwrap(),
+            LogExporter::builder()
+                .with_http()
+                .with_endpoint(format!("{endpoint}/v1/logs"))
+                .build()
+                .unwrap(),
         ),
     };
     (
-        SdkTracerProvider::builder().with_resource(resource.clone()).with_batch_exporter(spans).build(),
-        SdkLoggerProvider::builder().with_resource(resource).with_batch_exporter(logs).build(),
+        SdkTracerProvider::builder()
+            .with_resource(resource.clone())
+            .with_batch_exporter(spans)
+            .build(),
+        SdkLoggerProvider::builder()
+            .with_resource(resource)
+            .with_batch_exporter(logs)
+            .build(),
     )
 }
 

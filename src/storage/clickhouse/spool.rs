@@ -1,0 +1,412 @@
+//! The on-disk spool: every `WriteBatch` the tracker commits is appended here
+//! (length-prefixed, checksummed, fsynced) before `write()` returns, and the
+//! writer drains it into ClickHouse in order. This is what makes a ClickHouse
+//! write durable at ack time, and what keeps intake going while ClickHouse is
+//! unreachable. Bounded: when `max_bytes` is reached, `append` refuses and
+//! the receivers answer with retryable statuses.
+//!
+//! Layout in the spool dir: `seg-<first seq>.log` segment files and a
+//! `state.json` ledger `{id, acked, inflight}` (replaced atomically). Record:
+//! `len u32 | seq u64 | at_ns i64 | xxh3 u64 of (seq, at_ns, payload) | payload`.
+//! A torn record at the tail (crash mid-append) is cut off on open.
+
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+const HEADER: usize = 4 + 8 + 8 + 8;
+const SEGMENT_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("the ClickHouse spool is full ({0} bytes); retry later")]
+    Full(u64),
+    #[error("spool I/O error in {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("spool record {0} is corrupt")]
+    Corrupt(u64),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The ledger: what ClickHouse has acknowledged, and the group being sent.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Ledger {
+    /// Identifies this spool in deduplication tokens (unique per data dir).
+    pub id: String,
+    /// Every record with `seq <= acked` is in ClickHouse.
+    pub acked: u64,
+    /// The record range being inserted; after a crash it is re-sent as the
+    /// same group with the same tokens, so ClickHouse drops the repeat.
+    pub inflight: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    seq: u64,
+    at_ns: i64,
+    segment: u64,
+    offset: u64,
+    len: u32,
+}
+
+struct Inner {
+    ledger: Ledger,
+    records: VecDeque<Meta>,
+    bytes: u64,
+    next_seq: u64,
+    /// Current segment (its first seq) and open file.
+    current: Option<(u64, File, u64)>,
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    inner: Mutex<Inner>,
+}
+
+fn seg_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("seg-{first:020}.log"))
+}
+
+fn checksum(seq: u64, at_ns: i64, payload: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&seq.to_le_bytes());
+    h.update(&at_ns.to_le_bytes());
+    h.update(payload);
+    h.digest()
+}
+
+impl Spool {
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let ledger_path = dir.join("state.json");
+        let ledger: Ledger = match std::fs::read(&ledger_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|_| SpoolError::Corrupt(0))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let id = format!(
+                    "{:016x}",
+                    xxhash_rust::xxh3::xxh3_64(
+                        format!(
+                            "{}:{}:{}",
+                            dir.display(),
+                            crate::now_ns(),
+                            std::process::id()
+                        )
+                        .as_bytes()
+                    )
+                );
+                Ledger {
+                    id,
+                    acked: 0,
+                    inflight: None,
+                }
+            }
+            Err(e) => return Err(io(&ledger_path)(e)),
+        };
+        let mut segs: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("seg-")?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        segs.sort();
+        let mut records = VecDeque::new();
+        let mut bytes = 0;
+        let mut next_seq = ledger.acked + 1;
+        for first in segs {
+            let path = seg_path(dir, first);
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            let mut data = Vec::new();
+            f.read_to_end(&mut data).map_err(io(&path))?;
+            let mut off = 0usize;
+            while off + HEADER <= data.len() {
+                let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
+                let seq = u64::from_le_bytes(data[off + 4..off + 12].try_into().unwrap());
+                let at_ns = i64::from_le_bytes(data[off + 12..off + 20].try_into().unwrap());
+                let sum = u64::from_le_bytes(data[off + 20..off + 28].try_into().unwrap());
+                if off + HEADER + len > data.len()
+                    || checksum(seq, at_ns, &data[off + HEADER..off + HEADER + len]) != sum
+                {
+                    break;
+                }
+                if seq > ledger.acked {
+                    records.push_back(Meta {
+                        seq,
+                        at_ns,
+                        segment: first,
+                        offset: off as u64,
+                        len: len as u32,
+                    });
+                    bytes += (HEADER + len) as u64;
+                }
+                next_seq = next_seq.max(seq + 1);
+                off += HEADER + len;
+            }
+            if off < data.len() {
+                tracing::warn!(segment = %path.display(), at = off, "cutting a torn record off the spool tail");
+                f.set_len(off as u64).map_err(io(&path))?;
+                f.sync_all().map_err(io(&path))?;
+            }
+        }
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            inner: Mutex::new(Inner {
+                ledger,
+                records,
+                bytes,
+                next_seq,
+                current: None,
+            }),
+        };
+        {
+            let inner = spool.inner.lock().unwrap();
+            spool.save_ledger(&inner.ledger)?;
+        }
+        spool.remove_acked_segments()?;
+        Ok(spool)
+    }
+
+    pub fn ledger(&self) -> Ledger {
+        self.lock().ledger.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save_ledger(&self, l: &Ledger) -> Result<(), SpoolError> {
+        let path = self.dir.join("state.json");
+        let tmp = self.dir.join("state.json.tmp");
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&serde_json::to_vec(l).expect("ledger serializes"))
+            .map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        Ok(())
+    }
+
+    /// Appends one record durably; returns its sequence number.
+    pub fn append(&self, payload: &[u8]) -> Result<u64, SpoolError> {
+        let mut inner = self.lock();
+        let size = (HEADER + payload.len()) as u64;
+        if inner.bytes + size > self.max_bytes && !inner.records.is_empty() {
+            return Err(SpoolError::Full(inner.bytes));
+        }
+        let seq = inner.next_seq;
+        let at_ns = crate::now_ns();
+        let roll = inner
+            .current
+            .as_ref()
+            .is_none_or(|(_, _, len)| *len >= SEGMENT_BYTES);
+        if roll {
+            let path = seg_path(&self.dir, seq);
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir))?;
+            inner.current = Some((seq, f, 0));
+        }
+        let (segment, file, len) = inner.current.as_mut().expect("opened above");
+        let mut buf = Vec::with_capacity(size as usize);
+        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(&at_ns.to_le_bytes());
+        buf.extend_from_slice(&checksum(seq, at_ns, payload).to_le_bytes());
+        buf.extend_from_slice(payload);
+        let path = seg_path(&self.dir, *segment);
+        let offset = *len;
+        let res = file.write_all(&buf).and_then(|_| file.sync_data());
+        if let Err(e) = res {
+            // Cut back to the last whole record and start a fresh segment next time.
+            let _ = file.set_len(offset);
+            inner.current = None;
+            return Err(io(&path)(e));
+        }
+        *len += size;
+        let meta = Meta {
+            seq,
+            at_ns,
+            segment: *segment,
+            offset,
+            len: payload.len() as u32,
+        };
+        inner.records.push_back(meta);
+        inner.bytes += size;
+        inner.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Up to `max` unacknowledged records after `after`, oldest first.
+    pub fn read(&self, after: u64, max: usize) -> Result<Vec<(u64, i64, Vec<u8>)>, SpoolError> {
+        let metas: Vec<Meta> = self
+            .lock()
+            .records
+            .iter()
+            .filter(|m| m.seq > after)
+            .take(max)
+            .copied()
+            .collect();
+        let mut out = Vec::with_capacity(metas.len());
+        let mut open: Option<(u64, File)> = None;
+        for m in metas {
+            if open.as_ref().is_none_or(|(s, _)| *s != m.segment) {
+                let path = seg_path(&self.dir, m.segment);
+                open = Some((m.segment, File::open(&path).map_err(io(&path))?));
+            }
+            let (_, f) = open.as_mut().unwrap();
+            let path = seg_path(&self.dir, m.segment);
+            let mut buf = vec![0u8; m.len as usize];
+            f.seek(SeekFrom::Start(m.offset + HEADER as u64))
+                .and_then(|_| f.read_exact(&mut buf))
+                .map_err(io(&path))?;
+            if checksum(m.seq, m.at_ns, &buf) != {
+                let mut h = [0u8; 8];
+                f.seek(SeekFrom::Start(m.offset + 20))
+                    .and_then(|_| f.read_exact(&mut h))
+                    .map_err(io(&path))?;
+                u64::from_le_bytes(h)
+            } {
+                return Err(SpoolError::Corrupt(m.seq));
+            }
+            out.push((m.seq, m.at_ns, buf));
+        }
+        Ok(out)
+    }
+
+    pub fn set_inflight(&self, range: Option<(u64, u64)>) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        inner.ledger.inflight = range;
+        let l = inner.ledger.clone();
+        drop(inner);
+        self.save_ledger(&l)
+    }
+
+    /// Everything up to `seq` is in ClickHouse: forget it and free its segments.
+    pub fn ack(&self, seq: u64) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        inner.ledger.acked = inner.ledger.acked.max(seq);
+        inner.ledger.inflight = None;
+        while inner.records.front().is_some_and(|m| m.seq <= seq) {
+            let m = inner.records.pop_front().unwrap();
+            inner.bytes -= HEADER as u64 + m.len as u64;
+        }
+        let l = inner.ledger.clone();
+        drop(inner);
+        self.save_ledger(&l)?;
+        self.remove_acked_segments()
+    }
+
+    fn remove_acked_segments(&self) -> Result<(), SpoolError> {
+        let inner = self.lock();
+        let oldest_needed = inner.records.front().map(|m| m.segment);
+        let current = inner.current.as_ref().map(|c| c.0);
+        let mut segs: Vec<u64> = std::fs::read_dir(&self.dir)
+            .map_err(io(&self.dir))?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("seg-")?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        segs.sort();
+        for s in segs {
+            let needed = oldest_needed.is_some_and(|o| s >= o);
+            if !needed && Some(s) != current {
+                let p = seg_path(&self.dir, s);
+                std::fs::remove_file(&p).map_err(io(&p))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Append time of the oldest unacknowledged record.
+    pub fn oldest_at_ns(&self) -> Option<i64> {
+        self.lock().records.front().map(|m| m.at_ns)
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_read_ack_reopen_and_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..5u8 {
+            assert_eq!(s.append(&[i; 10]).unwrap(), i as u64 + 1);
+        }
+        s.ack(2).unwrap();
+        let got = s.read(0, 10).unwrap();
+        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        drop(s);
+        // A torn tail: half a record.
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+            .unwrap()
+            .path();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.append(b"x").unwrap(), 6);
+        assert_eq!(s.read(5, 10).unwrap()[0].2, b"x");
+        s.ack(6).unwrap();
+        assert!(s.is_empty());
+        let full = Spool::open(&dir.path().join("small"), 100).unwrap();
+        full.append(&[0; 60]).unwrap();
+        assert!(matches!(full.append(&[0; 60]), Err(SpoolError::Full(_))));
+    }
+}
