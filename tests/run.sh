@@ -15,3 +15,12 @@ fi
 export BIZSIGNAL_TEST_PYTHON="$PWD/$VENV/bin/python"
 
 cargo test --all-targets --locked
+
+# The live page in a real browser: Debian's chromium driven by playwright-core
+# (no browser download; the npm package is only the driver).
+if ! command -v chromium >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --silent)
+cargo build --locked --bin bizsignal
+node --test tests/browser/
