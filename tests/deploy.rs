@@ -741,6 +741,31 @@ fn compose_stack_is_consistent() {
         df.contains("cargo build --release --locked") && df.contains("FROM debian:bookworm-slim"),
         "multi-stage build"
     );
+    // What the build copies from the context exists and is not ignored.
+    let ignored = read("Dockerfile.dockerignore");
+    let ignored: Vec<&str> = ignored
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    let mut copied = 0;
+    for l in df
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = l.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(src).exists(),
+                "Dockerfile copies {src}, which does not exist"
+            );
+            assert!(
+                !ignored.contains(src),
+                "{src} is excluded from the build context"
+            );
+            copied += 1;
+        }
+    }
+    assert!(copied >= 3, "Cargo.toml, Cargo.lock and src are copied");
     for p in ["4317", "4318", "8080"] {
         assert!(df.contains(p), "Dockerfile EXPOSEs {p}");
         assert!(
