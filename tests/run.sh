@@ -14,6 +14,17 @@ if ! "$VENV/bin/python" -c 'import chdb, lz4, clickhouse_cityhash' 2>/dev/null; 
 fi
 export BIZSIGNAL_TEST_PYTHON="$PWD/$VENV/bin/python"
 
+# tests/deploy.rs validates the PromQL of deploy/ with promtool (Debian's
+# `prometheus` package). Install it when missing and we can (root + apt-get);
+# otherwise the deploy tests fail saying so (or set BIZSIGNAL_SKIP_PROMTOOL=1).
+if ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+    else
+        echo "promtool not found and cannot install it (needs root and apt-get); tests/deploy.rs will fail unless BIZSIGNAL_SKIP_PROMTOOL=1" >&2
+    fi
+fi
+
 cargo test --all-targets --locked
 
 # The live page in a real browser: Debian's chromium driven by playwright-core
