@@ -129,9 +129,9 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
 
     let ready = Arc::new(AtomicBool::new(true));
     let events = crate::api::events::EventsIntake { intake: intake.clone(), limits: config.limits.clone(), retry_after: config.pipeline.retry_after };
-    let queries = Queries { store, configured_processes: config.processes.keys().cloned().collect(), tracker: tracker.clone() };
+    let queries = Queries { store, configured_processes: config.processes.keys().cloned().collect(), tracker: tracker.clone(), stop: stop_rx.clone() };
     // REST and the gRPC query API share the `--http` port (h2c for gRPC).
-    let grpc_api = api::grpc::QueryApi { queries: queries.clone(), stop: stop_rx.clone() }.router();
+    let grpc_api = api::grpc::QueryApi { queries: queries.clone() }.router();
     let api_router = api::router(ApiState {
         queries,
         metrics: metrics.clone(),

@@ -171,7 +171,11 @@ async fn runs_watch_prints_each_change() {
     let stdout = child.stdout.take().unwrap();
     // Subscribed once it says so.
     let hello = tokio::task::spawn_blocking(move || {
-        BufReader::new(stderr).lines().next().unwrap().unwrap()
+        let mut lines = BufReader::new(stderr).lines();
+        let first = lines.next().unwrap().unwrap();
+        // Keep draining, so the client never writes into a closed pipe.
+        std::thread::spawn(move || for _ in lines {});
+        first
     });
     let hello = tokio::time::timeout(Duration::from_secs(10), hello)
         .await
@@ -209,9 +213,17 @@ async fn runs_watch_prints_each_change() {
     );
     let l2 = next().await;
     assert!(l2.contains("  b  b1  succeeded  "), "{l2}");
-    let _ = child.kill();
-    let _ = child.wait();
+    // Shutdown ends the stream (and stays clean); the watcher says so, exit 3.
     srv.stop().await;
+    let st = tokio::task::spawn_blocking(move || {
+        let st = child.wait().unwrap();
+        (st, child)
+    });
+    let (st, _child) = tokio::time::timeout(Duration::from_secs(10), st)
+        .await
+        .expect("watch exits when the server stops")
+        .unwrap();
+    assert_eq!(st.code(), Some(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,6 @@ use crate::signal::RunKey;
 use crate::storage::ProcessSummary;
 use futures_util::StreamExt;
 use std::pin::Pin;
-use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 /// Generated messages, client and server.
@@ -117,9 +116,6 @@ pub fn process(p: &ProcessSummary, now: i64) -> pb::Process {
 #[derive(Clone)]
 pub struct QueryApi {
     pub queries: Queries,
-    /// Flips to true at shutdown: open `WatchRuns` streams end then, so the
-    /// server can finish its connections.
-    pub stop: watch::Receiver<bool>,
 }
 
 impl QueryApi {
@@ -227,16 +223,10 @@ impl pb::query_service_server::QueryService for QueryApi {
                 },
             })
         });
-        let mut stop = self.stop.clone();
-        let stopping = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        // Ends with UNAVAILABLE at shutdown (or if the tracker goes away).
-        let stream = changes
-            .take_until(stopping)
-            .chain(futures_util::stream::once(std::future::ready(Err(
-                Status::unavailable("bizsignal is shutting down"),
-            ))));
+        // The changes end at shutdown (or if the tracker goes away): say so.
+        let stream = changes.chain(futures_util::stream::once(std::future::ready(Err(
+            Status::unavailable("bizsignal is shutting down"),
+        ))));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -53,6 +53,9 @@ pub struct Queries {
     pub configured_processes: Vec<String>,
     /// Committed run changes, for the live streams.
     pub tracker: crate::runs::tracker::TrackerHandle,
+    /// Turns true at shutdown: live streams end then, so servers can close
+    /// their connections without waiting for watchers to go away.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Unvalidated run-listing parameters as a surface received them.
@@ -148,17 +151,24 @@ impl Queries {
 
     /// Committed run changes from now on, optionally of one process only.
     /// `Err(n)` means this subscriber fell behind and missed `n` changes.
+    /// The stream ends at shutdown.
     pub fn watch(&self, process: Option<String>) -> impl futures_util::Stream<Item = Result<Arc<ProcessRun>, u64>> + Send + 'static {
         use futures_util::StreamExt;
         use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
-        BroadcastStream::new(self.tracker.subscribe()).filter_map(move |r| {
-            let out = match r {
-                Ok(change) if process.as_ref().is_none_or(|p| *p == change.key.process) => Some(Ok(change.after)),
-                Ok(_) => None,
-                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(n)),
-            };
-            std::future::ready(out)
-        })
+        let mut stop = self.stop.clone();
+        let stopping = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        BroadcastStream::new(self.tracker.subscribe())
+            .filter_map(move |r| {
+                let out = match r {
+                    Ok(change) if process.as_ref().is_none_or(|p| *p == change.key.process) => Some(Ok(change.after)),
+                    Ok(_) => None,
+                    Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(n)),
+                };
+                std::future::ready(out)
+            })
+            .take_until(stopping)
     }
 }
 
