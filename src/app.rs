@@ -129,16 +129,18 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
 
     let ready = Arc::new(AtomicBool::new(true));
     let events = crate::api::events::EventsIntake { intake: intake.clone(), limits: config.limits.clone(), retry_after: config.pipeline.retry_after };
+    let queries = Queries { store, configured_processes: config.processes.keys().cloned().collect(), tracker: tracker.clone(), stop: stop_rx.clone() };
+    // REST and the gRPC query API share the `--http` port (h2c for gRPC).
+    let grpc_api = api::grpc::QueryApi { queries: queries.clone() }.router();
     let api_router = api::router(ApiState {
-        queries: Queries { store },
+        queries,
         metrics: metrics.clone(),
         exposition: exposition.clone(),
         ready: ready.clone(),
         trace_url_template: config.ui.trace_url_template.clone(),
-        configured_processes: config.processes.keys().cloned().collect(),
-        tracker: tracker.clone(),
         events,
-    });
+    })
+    .merge(grpc_api);
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(api_l, api_router).with_graceful_shutdown(stopped(rx)).await {

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod app;
 pub mod classify;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod metrics;

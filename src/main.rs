@@ -2,7 +2,8 @@
 
 use anyhow::Context as _;
 use bizsignal::config::Config;
-use clap::{Parser, Subcommand};
+use bizsignal::client::{self, exit};
+use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +60,78 @@ enum Command {
         #[arg(long)]
         run_suffix: Option<String>,
     },
+    /// List, show and watch runs on a running bizsignal.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+    /// Wait until a run of PROCESS ends, for gating jobs: exits 0 when it
+    /// succeeded, 1 when it failed, 2 on timeout, 3 when the server is unreachable.
+    Wait {
+        /// Process name.
+        process: String,
+        /// Wait for this run; without it, the newest run started within --since
+        /// (waiting for one to start if there is none yet).
+        #[arg(long)]
+        run_id: Option<String>,
+        /// How far back a run may have started (duration, or RFC 3339 time).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Give up after this long (e.g. 30m), exit code 2.
+        #[arg(long)]
+        timeout: String,
+        /// Time between checks.
+        #[arg(long, default_value = "1s")]
+        interval: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Base URL of bizsignal's API (the --http port).
+    #[arg(long, env = "BIZSIGNAL_SERVER", default_value = "http://localhost:8080")]
+    server: String,
+    /// Print JSON (the REST API's shapes) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Runs, newest first.
+    List {
+        /// Only runs of this process.
+        #[arg(long)]
+        process: Option<String>,
+        /// Only runs with this status: running, stalled, succeeded or failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only runs started within this duration (24h) or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many runs (1 to 1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// One run in full.
+    Show {
+        process: String,
+        run_id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print a line for every change of a run as it happens.
+    Watch {
+        /// Only changes of this process.
+        #[arg(long)]
+        process: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 fn init_logging() {
@@ -71,8 +144,24 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 4, not clap's 2: `wait` uses 2 for "timed out".
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
     match cli.command {
+        Command::Runs { command } => client_command(command),
+        Command::Wait { process, run_id, since, timeout, interval, server } => {
+            let dur = |flag: &str, v: &str| bizsignal::config::parse_duration(v).map_err(|e| eprintln!("--{flag}: {e}"));
+            let (Ok(timeout), Ok(interval)) = (dur("timeout", &timeout), dur("interval", &interval)) else {
+                return ExitCode::from(exit::USAGE);
+            };
+            let args = client::WaitArgs { process, run_id, since, timeout, interval };
+            with_client(&server, |c, json| async move { client::wait(&c, &args, json).await })
+        }
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
@@ -153,6 +242,40 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Runs one client command on a small runtime; returns its exit code.
+fn with_client<F, Fut>(server: &ServerArgs, f: F) -> ExitCode
+where
+    F: FnOnce(client::Client, bool) -> Fut,
+    Fut: std::future::Future<Output = u8>,
+{
+    let c = match client::Client::new(&server.server) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    ExitCode::from(rt.block_on(f(c, server.json)))
+}
+
+fn client_command(cmd: RunsCommand) -> ExitCode {
+    match cmd {
+        RunsCommand::List { process, status, since, limit, server } => {
+            let args = client::ListArgs { process, status, since, limit };
+            with_client(&server, |c, json| async move { client::runs_list(&c, &args, json).await })
+        }
+        RunsCommand::Show { process, run_id, server } => with_client(&server, |c, json| async move { client::runs_show(&c, &process, &run_id, json).await }),
+        RunsCommand::Watch { process, server } => with_client(&server, |c, json| async move { client::runs_watch(&c, process.as_deref(), json).await }),
     }
 }
 

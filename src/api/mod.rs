@@ -3,10 +3,11 @@
 //! surface shows the same thing.
 
 pub mod events;
+pub mod grpc;
 pub mod views;
 
 use crate::metrics::SelfMetrics;
-use crate::runs::run::RunStatus;
+use crate::runs::run::{ProcessRun, RunStatus};
 use crate::signal::RunKey;
 use crate::storage::{RunCursor, RunQuery, StorageError, Store};
 use axum::extract::{Path, Query, State};
@@ -43,10 +44,59 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The one query layer used by REST, the page and the CLI.
+/// The one query layer used by REST, gRPC, the page and the CLI: every
+/// surface asks here and only renders the answer.
 #[derive(Clone)]
 pub struct Queries {
     pub store: Arc<dyn Store>,
+    /// Processes named in the config's expectations: listed even before their first run.
+    pub configured_processes: Vec<String>,
+    /// Committed run changes, for the live streams.
+    pub tracker: crate::runs::tracker::TrackerHandle,
+    /// Turns true at shutdown: live streams end then, so servers can close
+    /// their connections without waiting for watchers to go away.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Unvalidated run-listing parameters as a surface received them.
+#[derive(Debug, Default, Clone)]
+pub struct RunsRequest {
+    pub process: Option<String>,
+    /// `running`, `succeeded`, `failed` or `stalled`.
+    pub status: Option<String>,
+    /// RFC 3339 timestamp or a duration back from now.
+    pub since: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+}
+
+pub const DEFAULT_LIMIT: usize = 50;
+pub const MAX_LIMIT: usize = 1000;
+
+impl RunsRequest {
+    /// Validates into a store query; empty strings count as absent.
+    pub fn to_query(&self, now: i64) -> Result<RunQuery, ApiError> {
+        let given = |o: &Option<String>| o.clone().filter(|x| !x.is_empty());
+        Ok(RunQuery {
+            process: given(&self.process),
+            status: match given(&self.status) {
+                None => None,
+                Some(x) => Some(RunStatus::parse(&x).ok_or_else(|| ApiError::BadRequest(format!("status must be running, succeeded, failed or stalled, got {x:?}")))?),
+            },
+            since_ns: given(&self.since).map(|x| parse_since(&x, now)).transpose()?,
+            limit: match given(&self.limit) {
+                None => DEFAULT_LIMIT,
+                Some(x) => match x.parse::<usize>() {
+                    Ok(n @ 1..=MAX_LIMIT) => n,
+                    _ => return Err(ApiError::BadRequest(format!("limit must be a whole number from 1 to 1000, got {x:?}"))),
+                },
+            },
+            cursor: match given(&self.cursor) {
+                None => None,
+                Some(c) => Some(RunCursor::decode(&c).ok_or_else(|| ApiError::BadRequest("cursor is not one this API returned".into()))?),
+            },
+        })
+    }
 }
 
 impl Queries {
@@ -56,6 +106,69 @@ impl Queries {
             .await
             .map_err(|_| ApiError::Storage(StorageError::Unavailable("query task failed".into())))?
             .map_err(ApiError::from)
+    }
+
+    /// Every process with runs or violations plus the configured ones, by name.
+    pub async fn processes(&self) -> Result<Vec<crate::storage::ProcessSummary>, ApiError> {
+        let mut list = self.blocking(|st| st.list_processes()).await?;
+        for name in &self.configured_processes {
+            if !list.iter().any(|p| &p.name == name) {
+                list.push(crate::storage::ProcessSummary { name: name.clone(), latest_run: None, last_success_at_ns: None, active_runs: 0, violations: vec![] });
+            }
+        }
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
+    }
+
+    /// One page of runs, newest first, and the encoded cursor of the next page.
+    pub async fn runs(&self, req: &RunsRequest, now: i64) -> Result<(Vec<ProcessRun>, Option<String>), ApiError> {
+        let q = req.to_query(now)?;
+        let (runs, next) = self.blocking(move |st| st.list_runs(&q)).await?;
+        Ok((runs, next.map(|c| c.encode())))
+    }
+
+    /// One run; `NotFound` when there is none.
+    pub async fn run(&self, key: RunKey) -> Result<ProcessRun, ApiError> {
+        let k = key.clone();
+        let run = self.blocking(move |st| st.get_run(&k)).await?;
+        run.ok_or_else(|| ApiError::NotFound(format!("no run {:?} of process {:?}", key.run_id, key.process)))
+    }
+
+    /// A run's stored events in time order; `NotFound` when there is no such run.
+    pub async fn run_events(&self, key: RunKey) -> Result<Vec<crate::signal::BusinessEvent>, ApiError> {
+        let k = key.clone();
+        let (exists, events) = self
+            .blocking(move |st| {
+                let exists = st.get_run(&k)?.is_some();
+                Ok((exists, st.run_events(&k, 10_000)?))
+            })
+            .await?;
+        if !exists {
+            return Err(ApiError::NotFound(format!("no run {:?} of process {:?}", key.run_id, key.process)));
+        }
+        Ok(events)
+    }
+
+    /// Committed run changes from now on, optionally of one process only.
+    /// `Err(n)` means this subscriber fell behind and missed `n` changes.
+    /// The stream ends at shutdown.
+    pub fn watch(&self, process: Option<String>) -> impl futures_util::Stream<Item = Result<Arc<ProcessRun>, u64>> + Send + 'static {
+        use futures_util::StreamExt;
+        use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+        let mut stop = self.stop.clone();
+        let stopping = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        BroadcastStream::new(self.tracker.subscribe())
+            .filter_map(move |r| {
+                let out = match r {
+                    Ok(change) if process.as_ref().is_none_or(|p| *p == change.key.process) => Some(Ok(change.after)),
+                    Ok(_) => None,
+                    Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(n)),
+                };
+                std::future::ready(out)
+            })
+            .take_until(stopping)
     }
 }
 
@@ -67,10 +180,6 @@ pub struct ApiState {
     pub exposition: Arc<crate::metrics::export::MetricsPipeline>,
     pub ready: Arc<AtomicBool>,
     pub trace_url_template: Option<String>,
-    /// Processes named in the config's expectations: listed even before their first run.
-    pub configured_processes: Vec<String>,
-    /// Committed run changes, for the live stream.
-    pub tracker: crate::runs::tracker::TrackerHandle,
     pub events: events::EventsIntake,
 }
 
@@ -110,13 +219,7 @@ async fn metrics(State(s): State<ApiState>, headers: axum::http::HeaderMap) -> R
 
 async fn processes(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
     let now = crate::now_ns();
-    let mut list = s.queries.blocking(|st| st.list_processes()).await?;
-    for name in &s.configured_processes {
-        if !list.iter().any(|p| &p.name == name) {
-            list.push(crate::storage::ProcessSummary { name: name.clone(), latest_run: None, last_success_at_ns: None, active_runs: 0, violations: vec![] });
-        }
-    }
-    list.sort_by(|a, b| a.name.cmp(&b.name));
+    let list = s.queries.processes().await?;
     Ok(Json(json!({ "processes": list.iter().map(|p| views::process(p, now)).collect::<Vec<_>>() })))
 }
 
@@ -132,29 +235,11 @@ struct RunsParams {
 async fn runs(State(s): State<ApiState>, params: Result<Query<RunsParams>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let now = crate::now_ns();
-    let q = RunQuery {
-        process: p.process.filter(|x| !x.is_empty()),
-        status: match p.status.as_deref() {
-            None | Some("") => None,
-            Some(x) => Some(RunStatus::parse(x).ok_or_else(|| ApiError::BadRequest(format!("status must be running, succeeded, failed or stalled, got {x:?}")))?),
-        },
-        since_ns: p.since.as_deref().filter(|x| !x.is_empty()).map(|x| parse_since(x, now)).transpose()?,
-        limit: match p.limit.as_deref() {
-            None | Some("") => 50,
-            Some(x) => match x.parse::<usize>() {
-                Ok(n @ 1..=1000) => n,
-                _ => return Err(ApiError::BadRequest(format!("limit must be a whole number from 1 to 1000, got {x:?}"))),
-            },
-        },
-        cursor: match p.cursor.as_deref() {
-            None | Some("") => None,
-            Some(c) => Some(RunCursor::decode(c).ok_or_else(|| ApiError::BadRequest("cursor is not one this API returned".into()))?),
-        },
-    };
-    let (runs, next) = s.queries.blocking(move |st| st.list_runs(&q)).await?;
+    let req = RunsRequest { process: p.process, status: p.status, since: p.since, limit: p.limit, cursor: p.cursor };
+    let (runs, next) = s.queries.runs(&req, now).await?;
     Ok(Json(json!({
         "runs": runs.iter().map(|r| views::run_summary(r, now)).collect::<Vec<_>>(),
-        "next_cursor": next.map(|c| c.encode()),
+        "next_cursor": next,
     })))
 }
 
@@ -170,26 +255,12 @@ fn parse_since(s: &str, now: i64) -> Result<i64, ApiError> {
 }
 
 async fn run(State(s): State<ApiState>, Path((process, run_id)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
-    let key = RunKey { process, run_id };
-    let k = key.clone();
-    let run = s.queries.blocking(move |st| st.get_run(&k)).await?;
-    let run = run.ok_or_else(|| ApiError::NotFound(format!("no run {:?} of process {:?}", key.run_id, key.process)))?;
+    let run = s.queries.run(RunKey { process, run_id }).await?;
     Ok(Json(views::run_full(&run, crate::now_ns(), s.trace_url_template.as_deref())))
 }
 
 async fn run_events(State(s): State<ApiState>, Path((process, run_id)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
-    let key = RunKey { process, run_id };
-    let k = key.clone();
-    let (exists, events) = s
-        .queries
-        .blocking(move |st| {
-            let exists = st.get_run(&k)?.is_some();
-            Ok((exists, st.run_events(&k, 10_000)?))
-        })
-        .await?;
-    if !exists {
-        return Err(ApiError::NotFound(format!("no run {:?} of process {:?}", key.run_id, key.process)));
-    }
+    let events = s.queries.run_events(RunKey { process, run_id }).await?;
     Ok(Json(json!({ "events": events.iter().map(views::event).collect::<Vec<_>>() })))
 }
 
@@ -198,11 +269,10 @@ async fn run_events(State(s): State<ApiState>, Path((process, run_id)): Path<(St
 async fn stream(State(s): State<ApiState>) -> axum::response::sse::Sse<impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures_util::StreamExt;
-    let rx = s.tracker.subscribe();
     let hello = futures_util::stream::once(async { Ok(Event::default().event("hello").data("{}")) });
-    let changes = tokio_stream::wrappers::BroadcastStream::new(rx).map(|r| {
+    let changes = s.queries.watch(None).map(|r| {
         Ok(match r {
-            Ok(change) => Event::default().event("run").data(views::run_summary(&change.after, crate::now_ns()).to_string()),
+            Ok(run) => Event::default().event("run").data(views::run_summary(&run, crate::now_ns()).to_string()),
             Err(_) => Event::default().event("resync").data("{}"),
         })
     });
