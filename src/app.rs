@@ -39,6 +39,7 @@ pub struct RunningApp {
     pub metrics: Arc<SelfMetrics>,
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
+    auth_reloader: JoinHandle<()>,
     tracker_shutdown: Arc<AtomicBool>,
     tracker_thread: std::thread::JoinHandle<()>,
     /// The metrics pipeline (OTLP export and `/metrics`).
@@ -72,7 +73,20 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let grpc_l = bind("OTLP/gRPC", config.server.otlp_grpc).await?;
     let http_l = bind("OTLP/HTTP", config.server.otlp_http).await?;
     let api_l = bind("API", config.server.http).await?;
-    let (otlp_grpc, otlp_http, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap(), api_l.local_addr().unwrap());
+    let tls = |alpn: &[&[u8]]| -> Result<_, AppError> {
+        match &config.server.tls {
+            None => Ok(None),
+            Some(t) => crate::net::load_tls(t, alpn).map(Some).map_err(|(k, r)| AppError::Config(format!("server.tls.{k}: {r}"))),
+        }
+    };
+    let max_conns = config.server.max_connections;
+    let grpc_l = crate::net::Acceptor::spawn(grpc_l, tls(&[b"h2"])?, max_conns, "OTLP/gRPC");
+    let http_l = crate::net::Acceptor::spawn(http_l, tls(&[b"h2", b"http/1.1"])?, max_conns, "OTLP/HTTP");
+    let api_l = crate::net::Acceptor::spawn(api_l, tls(&[b"h2", b"http/1.1"])?, max_conns, "API");
+    let (otlp_grpc, otlp_http, http) = (grpc_l.local_addr(), http_l.local_addr(), api_l.local_addr());
+    let auth = crate::auth::Auth::from_config(&config.server.auth).map_err(|r| AppError::Config(format!("server.auth: {r}")))?;
+    let auth_reloader = auth.spawn_reloader(config.server.auth.reload_interval);
+    let cors = Arc::new(config.server.cors_allowed_origins.clone());
 
     let metrics_cfg = config.metrics.clone();
     let (m, st) = (metrics.clone(), store.clone());
@@ -100,8 +114,9 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     };
     let mut servers = Vec::new();
 
-    let grpc = GrpcReceiver::new(intake.clone(), config.pipeline.retry_after).router(config.limits.max_decompressed_bytes);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
+    let grpc = GrpcReceiver::new(intake.clone(), config.pipeline.retry_after)
+        .router(config.limits.max_decompressed_bytes, crate::auth::grpc_interceptor(auth.clone()));
+    let incoming = grpc_l.into_stream();
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         let server = tonic::transport::Server::builder()
@@ -119,7 +134,9 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         max_decompressed_bytes: config.limits.max_decompressed_bytes,
         retry_after: config.pipeline.retry_after,
     }
-    .router();
+    .router()
+    .layer(axum::middleware::from_fn_with_state(auth.clone(), crate::auth::otlp_http_auth))
+    .layer(axum::middleware::from_fn_with_state(cors.clone(), crate::auth::cors));
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(http_l, otlp_router).with_graceful_shutdown(stopped(rx)).await {
@@ -140,7 +157,9 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         trace_url_template: config.ui.trace_url_template.clone(),
         events,
     })
-    .merge(grpc_api);
+    .merge(grpc_api)
+    .layer(axum::middleware::from_fn_with_state(auth.clone(), crate::auth::api_auth))
+    .layer(axum::middleware::from_fn_with_state(cors, crate::auth::cors));
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(api_l, api_router).with_graceful_shutdown(stopped(rx)).await {
@@ -157,6 +176,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         metrics,
         stop,
         servers,
+        auth_reloader,
         tracker_shutdown,
         tracker_thread,
         exposition,
@@ -172,6 +192,7 @@ impl RunningApp {
         self.ready.store(false, Ordering::Release);
         tracing::info!("shutting down: closing receivers");
         let _ = self.stop.send(true);
+        self.auth_reloader.abort();
         for s in self.servers {
             let abort = s.abort_handle();
             if tokio::time::timeout(self.shutdown_timeout, s).await.is_err() {

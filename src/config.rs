@@ -71,6 +71,59 @@ pub struct ServerConfig {
     pub otlp_http: SocketAddr,
     /// REST API and `/metrics`.
     pub http: SocketAddr,
+    /// Most simultaneous connections per port; further clients wait in the
+    /// kernel's accept backlog.
+    pub max_connections: usize,
+    /// TLS (rustls) on all three ports; plain TCP when absent.
+    pub tls: Option<TlsConfig>,
+    /// Bearer-token authentication; open when no tokens are configured.
+    pub auth: AuthConfig,
+    /// Origins allowed to call the API and OTLP/HTTP from a browser (CORS);
+    /// empty (the default) sends no CORS headers at all.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, clients must present a certificate
+    /// signed by one of them (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Tokens for intake (OTLP, `POST /api/v1/events`) and, separately, for reads
+/// (REST, stream, `/metrics`). Files hold one token per line and are re-read
+/// when they change and on SIGHUP; environment variables hold a
+/// comma-separated list and are read at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub intake_tokens_file: Option<PathBuf>,
+    /// Name of an environment variable holding intake tokens.
+    pub intake_tokens_env: Option<String>,
+    pub read_tokens_file: Option<PathBuf>,
+    /// Name of an environment variable holding read tokens.
+    pub read_tokens_env: Option<String>,
+    /// How often token files are checked for changes.
+    #[serde(deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            intake_tokens_file: None,
+            intake_tokens_env: None,
+            read_tokens_file: None,
+            read_tokens_env: None,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -79,6 +132,10 @@ impl Default for ServerConfig {
             otlp_grpc: "0.0.0.0:4317".parse().unwrap(),
             otlp_http: "0.0.0.0:4318".parse().unwrap(),
             http: "0.0.0.0:8080".parse().unwrap(),
+            max_connections: 1024,
+            tls: None,
+            auth: AuthConfig::default(),
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -445,6 +502,35 @@ impl Config {
         }
         if !(l.max_number.is_finite() && l.max_number > 0.0) {
             return Err(ConfigError::at(file, "limits.max_number", "must be a positive finite number"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(ConfigError::at(file, "server.max_connections", "must be greater than zero"));
+        }
+        if let Some(tls) = &self.server.tls {
+            crate::net::load_tls(tls, &[]).map_err(|(key, r)| ConfigError::at(file, format!("server.tls.{key}"), r))?;
+        }
+        let a = &self.server.auth;
+        for (key, f) in [("intake_tokens_file", &a.intake_tokens_file), ("read_tokens_file", &a.read_tokens_file)] {
+            if let Some(f) = f {
+                crate::auth::read_token_file(f).map_err(|r| ConfigError::at(file, format!("server.auth.{key}"), r))?;
+            }
+        }
+        for (key, v) in [("intake_tokens_env", &a.intake_tokens_env), ("read_tokens_env", &a.read_tokens_env)] {
+            if let Some(v) = v {
+                crate::auth::read_token_env(v).map_err(|r| ConfigError::at(file, format!("server.auth.{key}"), r))?;
+            }
+        }
+        if a.reload_interval.is_zero() {
+            return Err(ConfigError::at(file, "server.auth.reload_interval", "must be greater than zero"));
+        }
+        for (i, o) in self.server.cors_allowed_origins.iter().enumerate() {
+            if o == "*" || !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                return Err(ConfigError::at(
+                    file,
+                    format!("server.cors_allowed_origins[{i}]"),
+                    format!("{o:?} must be an exact origin such as https://ops.example.com (no wildcard, no trailing slash)"),
+                ));
+            }
         }
         if self.pipeline.queue_capacity == 0 {
             return Err(ConfigError::at(file, "pipeline.queue_capacity", "must be greater than zero"));

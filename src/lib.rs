@@ -7,11 +7,13 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod classify;
 pub mod client;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod net;
 pub mod receivers;
 pub mod runs;
 pub mod signal;

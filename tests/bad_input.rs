@@ -244,7 +244,7 @@ async fn full_pipeline_answers_retryable_statuses_and_keeps_acknowledged_data() 
     let mut client = LogsServiceClient::connect(srv.grpc_endpoint()).await.unwrap();
     let req: ExportLogsServiceRequest = bizsignal::receivers::http::decode_json(body(100).as_bytes()).unwrap();
     let err = client.export(req).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     use tonic_types::StatusExt;
     assert_eq!(err.get_details_retry_info().expect("RetryInfo").retry_delay, Some(Duration::from_secs(2)));
 

@@ -51,7 +51,8 @@ impl GrpcReceiver {
     }
 
     /// The tonic router with both OTLP services.
-    pub fn router(self, max_message_bytes: usize) -> tonic::service::Routes {
+    pub fn router<I: tonic::service::Interceptor + Clone + Send + Sync + 'static>(self, max_message_bytes: usize, auth: I) -> tonic::service::Routes {
+        use tonic::service::interceptor::InterceptedService;
         let traces = TraceServiceServer::new(self.clone())
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
@@ -60,7 +61,7 @@ impl GrpcReceiver {
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(max_message_bytes);
-        tonic::service::Routes::new(traces).add_service(logs)
+        tonic::service::Routes::new(InterceptedService::new(traces, auth.clone())).add_service(InterceptedService::new(logs, auth))
     }
 
     fn status(&self, e: SubmitError) -> Status {
