@@ -103,11 +103,17 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let tracker_shutdown = Arc::new(AtomicBool::new(false));
     let (st, exp, pipe, m, sd) = (store.clone(), config.processes.clone(), config.pipeline.clone(), metrics.clone(), tracker_shutdown.clone());
     let observers: Vec<Arc<dyn crate::runs::tracker::Observer>> = vec![exposition.business.clone()];
-    let (tracker, tracker_thread) = tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, observers, sd))
+    let max_active_runs = config.limits.max_active_runs;
+    let (tracker, tracker_thread) = tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, observers, max_active_runs, sd))
         .await
         .map_err(|e| StorageError::Unavailable(e.to_string()))??;
 
-    let intake = Intake { classifier, tracker: tracker.clone(), metrics: metrics.clone() };
+    let known = {
+        let st = store.clone();
+        tokio::task::spawn_blocking(move || st.list_processes()).await.map_err(|e| StorageError::Unavailable(e.to_string()))??
+    };
+    let processes = Arc::new(crate::receivers::ProcessRegistry::new(config.limits.max_processes, known.into_iter().map(|p| p.name)));
+    let intake = Intake { classifier, tracker: tracker.clone(), metrics: metrics.clone(), processes };
     let (stop, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

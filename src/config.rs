@@ -161,6 +161,12 @@ pub struct Limits {
     pub max_name_length: usize,
     /// Largest absolute value accepted for counts, progress and values.
     pub max_number: f64,
+    /// Distinct process names; records of further processes are rejected.
+    pub max_processes: usize,
+    /// Open runs kept in memory; beyond it the least recently active are
+    /// evicted: marked with an `evicted` violation, kept in storage, reloaded
+    /// when a signal arrives (no stall or deadline checks while evicted).
+    pub max_active_runs: usize,
 }
 
 impl Default for Limits {
@@ -173,6 +179,8 @@ impl Default for Limits {
             max_attributes_per_record: 1024,
             max_name_length: 256,
             max_number: 1e15,
+            max_processes: 10_000,
+            max_active_runs: 100_000,
         }
     }
 }
@@ -499,6 +507,9 @@ impl Config {
         }
         if l.max_decompressed_bytes < l.max_request_bytes {
             return Err(ConfigError::at(file, "limits.max_decompressed_bytes", "must be at least limits.max_request_bytes"));
+        }
+        if l.max_processes == 0 || l.max_active_runs == 0 {
+            return Err(ConfigError::at(file, "limits", "max_processes and max_active_runs must be greater than zero"));
         }
         if !(l.max_number.is_finite() && l.max_number > 0.0) {
             return Err(ConfigError::at(file, "limits.max_number", "must be a positive finite number"));

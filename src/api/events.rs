@@ -172,8 +172,9 @@ pub async fn post_event(State(api): State<super::ApiState>, headers: axum::http:
         }
     };
     let c = Classified { signals: vec![signal], ..Default::default() };
-    match s.intake.tracker.submit(c.signals).await {
-        Ok(o) => (StatusCode::OK, Json(json!({"stored": o.stored == 1, "duplicate": o.duplicates == 1}))).into_response(),
+    match s.intake.submit(c).await {
+        Ok(a) if a.rejected > 0 => bad(a.message),
+        Ok(a) => (StatusCode::OK, Json(json!({"stored": a.stored == 1, "duplicate": a.duplicates == 1}))).into_response(),
         Err(e) => {
             let status = if matches!(e, crate::runs::tracker::SubmitError::Busy) { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::SERVICE_UNAVAILABLE };
             let mut r = (status, Json(json!({"error": e.to_string()}))).into_response();

@@ -42,7 +42,7 @@ pub struct Classified {
 }
 
 /// The bounded set of rejection reason codes (a metric attribute).
-pub const REJECT_REASONS: [&str; 6] = ["invalid_number", "invalid_id", "invalid_payload", "too_many_attributes", "invalid_timestamp", "invalid_value"];
+pub const REJECT_REASONS: [&str; 7] = ["invalid_number", "invalid_id", "invalid_payload", "too_many_attributes", "invalid_timestamp", "process_limit", "invalid_value"];
 
 /// The reason code of a rejection message produced by this module.
 pub fn reason_code(reason: &str) -> usize {
@@ -63,7 +63,7 @@ pub fn reason_code(reason: &str) -> usize {
 }
 
 impl Classified {
-    fn reject(&mut self, code: usize, reason: String) {
+    pub fn reject(&mut self, code: usize, reason: String) {
         self.rejected += 1;
         self.rejected_by_reason[code] += 1;
         // Keep the message bounded: the first few reasons tell the story.

@@ -18,6 +18,9 @@ use std::sync::Arc;
 pub struct Accepted {
     pub rejected: i64,
     pub message: String,
+    /// Signals newly stored, and signals recognised as already stored.
+    pub stored: usize,
+    pub duplicates: usize,
 }
 
 /// Shared intake used by every receiver.
@@ -26,6 +29,34 @@ pub struct Intake {
     pub classifier: Arc<Classifier>,
     pub tracker: TrackerHandle,
     pub metrics: Arc<SelfMetrics>,
+    pub processes: Arc<ProcessRegistry>,
+}
+
+/// The distinct process names bizsignal has accepted, bounded by
+/// `limits.max_processes` so a client cannot create unbounded state (and
+/// metric series) by inventing process names.
+pub struct ProcessRegistry {
+    known: std::sync::Mutex<std::collections::HashSet<String>>,
+    max: usize,
+}
+
+impl ProcessRegistry {
+    pub fn new(max: usize, existing: impl IntoIterator<Item = String>) -> Self {
+        ProcessRegistry { known: std::sync::Mutex::new(existing.into_iter().collect()), max }
+    }
+
+    /// Whether signals of `process` may be accepted (registering it if there is room).
+    pub fn admit(&self, process: &str) -> bool {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.contains(process) {
+            return true;
+        }
+        if known.len() >= self.max {
+            return false;
+        }
+        known.insert(process.to_string());
+        true
+    }
 }
 
 impl Intake {
@@ -43,7 +74,19 @@ impl Intake {
         self.submit(classified).await
     }
 
-    pub async fn submit(&self, c: Classified) -> Result<Accepted, SubmitError> {
+    pub async fn submit(&self, mut c: Classified) -> Result<Accepted, SubmitError> {
+        if c.signals.iter().any(|s| !self.processes.admit(&s.process)) {
+            let code = crate::classify::REJECT_REASONS.iter().position(|r| *r == "process_limit").unwrap_or(0);
+            let max = self.processes.max;
+            let signals = std::mem::take(&mut c.signals);
+            for s in signals {
+                if self.processes.admit(&s.process) {
+                    c.signals.push(s);
+                } else {
+                    c.reject(code, format!("process {:?}: more than limits.max_processes ({max}) distinct processes", crate::classify::truncate(&s.process, 64)));
+                }
+            }
+        }
         SelfMetrics::add(&self.metrics.records_discarded, c.discarded);
         SelfMetrics::add(&self.metrics.records_rejected, c.rejected);
         for (counter, n) in self.metrics.rejected_by_reason.iter().zip(c.rejected_by_reason) {
@@ -56,7 +99,7 @@ impl Intake {
         if c.rejected > 0 {
             tracing::debug!(rejected = c.rejected, reason = %message, "rejected invalid business records");
         }
-        self.tracker.submit(c.signals).await?;
-        Ok(Accepted { rejected: c.rejected as i64, message })
+        let o = self.tracker.submit(c.signals).await?;
+        Ok(Accepted { rejected: c.rejected as i64, message, stored: o.stored, duplicates: o.duplicates })
     }
 }

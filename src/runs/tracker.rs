@@ -118,6 +118,7 @@ impl Clone for RunEntry {
 
 pub struct Tracker {
     store: Arc<dyn Store>,
+    max_active_runs: usize,
     observers: Vec<Arc<dyn Observer>>,
     expectations: BTreeMap<String, ProcessExpectations>,
     pipeline: PipelineConfig,
@@ -154,11 +155,19 @@ impl Tracker {
         pipeline: PipelineConfig,
         metrics: Arc<SelfMetrics>,
         observers: Vec<Arc<dyn Observer>>,
+        max_active_runs: usize,
         shutdown: Arc<AtomicBool>,
     ) -> Result<(TrackerHandle, std::thread::JoinHandle<()>), StorageError> {
         let now = crate::now_ns();
         let mut runs = HashMap::new();
-        for run in store.load_open_runs()? {
+        let mut open = store.load_open_runs()?;
+        if open.len() > max_active_runs {
+            // The most recently active ones; the rest stay in storage and come back on their next signal.
+            open.sort_by_key(|r| std::cmp::Reverse(r.last_received_at_ns));
+            tracing::warn!(open = open.len(), max_active_runs, "more open runs in storage than limits.max_active_runs; loading the most recent");
+            open.truncate(max_active_runs);
+        }
+        for run in open {
             let key = run.key();
             let seen = store.signal_ids(&key)?.into_iter().collect();
             runs.insert(key, RunEntry { run, seen });
@@ -178,6 +187,7 @@ impl Tracker {
         let tracker = Tracker {
             last_success: store.last_successes()?.into_iter().collect(),
             store,
+            max_active_runs,
             observers,
             expectations,
             pipeline,
@@ -404,6 +414,50 @@ impl Tracker {
     }
 
     /// Time-driven checks: stalls, durations, deadlines; and forgetting old ended runs.
+    /// Keeps at most `max_active_runs` open runs in memory: the least
+    /// recently active are marked `evicted`, written, and dropped from memory
+    /// (a later signal reloads them from storage).
+    fn evict(&mut self, now: i64) {
+        let mut open: Vec<(i64, RunKey)> =
+            self.runs.iter().filter(|(_, e)| !e.run.status.is_terminal()).map(|(k, e)| (e.run.last_received_at_ns, k.clone())).collect();
+        if open.len() <= self.max_active_runs {
+            return;
+        }
+        let n = open.len() - self.max_active_runs;
+        open.select_nth_unstable(n - 1);
+        let mut batch = WriteBatch::default();
+        let mut changes = Vec::with_capacity(n);
+        for (_, key) in open.into_iter().take(n) {
+            let before = Arc::new(self.runs[&key].run.clone());
+            let mut after = (*before).clone();
+            after.add_violation(Violation {
+                rule: "evicted".into(),
+                message: format!(
+                    "evicted from memory: more than {} active runs (limits.max_active_runs); kept in storage and reloaded on its next signal, not checked for stalls or deadlines meanwhile",
+                    self.max_active_runs
+                ),
+                at_ns: now,
+            });
+            batch.runs.push(after.clone());
+            changes.push(RunChange { key, before: Some(before), after: Arc::new(after) });
+        }
+        if let Err(e) = self.store.write(&batch) {
+            SelfMetrics::add(&self.metrics.storage_failures, 1);
+            tracing::warn!(error = %e, "storage write of evicted runs failed; will retry next tick");
+            return;
+        }
+        tracing::info!(evicted = n, max_active_runs = self.max_active_runs, "evicted least recently active runs from memory");
+        for c in &changes {
+            self.runs.remove(&c.key);
+        }
+        for o in &self.observers {
+            o.committed(&[], &changes, &[]);
+        }
+        for c in changes {
+            let _ = self.changes.send(c);
+        }
+    }
+
     fn tick(&mut self, now: i64) {
         let mut batch = WriteBatch::default();
         let mut changed: Vec<RunEntry> = Vec::new();
@@ -482,6 +536,7 @@ impl Tracker {
         for c in changes {
             let _ = self.changes.send(c);
         }
+        self.evict(now);
         let keep = KEEP_ENDED.as_nanos() as i64;
         self.runs.retain(|_, e| !e.run.status.is_terminal() || now - e.run.last_received_at_ns < keep);
     }
