@@ -342,3 +342,20 @@ async fn watch_runs_streams_committed_changes_and_ends_at_shutdown() {
     }
     stop.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_api_needs_the_read_token_when_reads_are_protected() {
+    std::env::set_var("BIZSIGNAL_TEST_GRPC_READ_TOKENS", "read-secret-1");
+    let srv = Server::start_with(|c| c.server.auth.read_tokens_env = Some("BIZSIGNAL_TEST_GRPC_READ_TOKENS".into())).await;
+    let mut c = client(&srv).await;
+    let err = c.list_processes(pb::ListProcessesRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(err.message(), "unauthenticated", "no detail leaked");
+    let mut req = tonic::Request::new(pb::ListProcessesRequest {});
+    req.metadata_mut().insert("authorization", "Bearer wrong".parse().unwrap());
+    assert_eq!(c.list_processes(req).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut req = tonic::Request::new(pb::ListProcessesRequest {});
+    req.metadata_mut().insert("authorization", "Bearer read-secret-1".parse().unwrap());
+    assert!(c.list_processes(req).await.is_ok());
+    srv.stop().await;
+}
