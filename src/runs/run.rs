@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Caps that keep one run's in-memory state bounded; all signals stay in storage.
 pub const MAX_NOTES: usize = 200;
 pub const MAX_PAYLOADS: usize = 50;
+pub const MAX_PAYLOAD_BYTES: usize = 256 << 10;
 pub const MAX_TRACE_IDS: usize = 100;
 pub const MAX_SERVICES: usize = 50;
 
@@ -249,7 +250,9 @@ impl ProcessRun {
         if let Err(pos) = self.payloads.binary_search(&p) {
             self.payloads.insert(pos, p);
         }
-        if self.payloads.len() > MAX_PAYLOADS {
+        // Bounded by count and bytes: the run state is rewritten on every
+        // commit that touches the run; every payload stays in the events.
+        while self.payloads.len() > MAX_PAYLOADS || (self.payloads.len() > 1 && self.payloads.iter().map(|p| p.json.len()).sum::<usize>() > MAX_PAYLOAD_BYTES) {
             self.payloads.remove(0);
         }
     }
