@@ -1,11 +1,11 @@
 //! The binary as a user runs it: `serve`, `demo`, `check-config`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bizsignal");
+mod common;
+use common::serve::BIN;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -97,42 +97,11 @@ fn broken_config_files_name_the_file_key_and_reason() {
 }
 
 /// Starts `bizsignal serve` on ephemeral ports and reads the bound addresses from its log.
-/// Kills the server if the test fails before stopping it.
-struct Guard(std::process::Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_serve(data_dir: &Path) -> (std::process::Child, String, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--otlp-grpc", "127.0.0.1:0", "--otlp-http", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let field = |line: &str, key: &str| line.split(&format!(" {key}=")).nth(1).map(|r| r.split_whitespace().next().unwrap().to_string());
-    loop {
-        let line = lines.next().expect("serve printed its addresses").unwrap();
-        if line.contains("bizsignal started") {
-            let grpc = field(&line, "otlp_grpc").unwrap();
-            let http = field(&line, "http").unwrap();
-            // Keep draining stderr so the server never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return (child, grpc, http);
-        }
-    }
-}
-
 #[test]
 fn serve_then_demo_shows_runs_within_two_seconds_and_sigterm_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let (child, grpc, http) = spawn_serve(dir.path());
-    let mut guard = Guard(child);
+    let mut server = common::serve::ServeProcess::spawn(dir.path(), None);
+    let (grpc, http) = (server.otlp_grpc.clone(), server.http.clone());
     let demo = Command::new(BIN).args(["demo", "--pace", "10ms", "--run-suffix", "t1", "--endpoint"]).arg(format!("http://{grpc}")).output().unwrap();
     assert!(demo.status.success(), "{}", String::from_utf8_lossy(&demo.stderr));
     let sent = Instant::now();
@@ -150,7 +119,7 @@ fn serve_then_demo_shows_runs_within_two_seconds_and_sigterm_exits_cleanly() {
     assert_eq!(by("product-import")["counts"]["skipped"], 12);
     assert_eq!(by("product-import")["run_id"], "import-t1");
 
-    let child = &mut guard.0;
+    let child = &mut server.child;
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(15);

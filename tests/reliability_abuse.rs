@@ -8,81 +8,16 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bizsignal");
+mod common;
+use common::serve::ServeProcess as Proc;
+
 /// Peak resident memory allowed for the server under abuse.
 const RSS_BOUND_KIB: u64 = 256 * 1024;
 
-struct Proc {
-    child: Child,
-    otlp_http: String,
-    http: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(data_dir: &Path, config: &str) -> Proc {
-        let cfg = data_dir.join("config.yaml");
-        std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .args([
-                "--otlp-grpc",
-                "127.0.0.1:0",
-                "--otlp-http",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let field = |line: &str, key: &str| {
-            line.split(&format!(" {key}="))
-                .nth(1)
-                .map(|r| r.split_whitespace().next().unwrap().to_string())
-        };
-        loop {
-            let line = lines.next().expect("serve printed its addresses").unwrap();
-            if line.contains("bizsignal started") {
-                let otlp_http = field(&line, "otlp_http").unwrap();
-                let http = field(&line, "http").unwrap();
-                std::thread::spawn(move || for _ in lines {});
-                return Proc {
-                    child,
-                    otlp_http,
-                    http,
-                };
-            }
-        }
-    }
-
-    /// Peak resident set size in KiB.
-    fn vm_hwm_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.otlp_http)
-    }
-}
 
 fn kv(k: &str, v: &str) -> KeyValue {
     KeyValue {
@@ -148,7 +83,7 @@ async fn post(c: &reqwest::Client, url: &str, ct: &str, gzip: bool, body: Vec<u8
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_within_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::spawn(dir.path(), "pipeline: { tick: 100ms }\n");
+    let p = spawn(dir.path(), "pipeline: { tick: 100ms }\n");
     let c = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -301,7 +236,7 @@ async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_withi
 async fn overload_gets_retryable_refusals_and_keeps_every_acknowledged_signal() {
     let dir = tempfile::tempdir().unwrap();
     // A tiny queue so that 64 concurrent clients are far above what it sustains.
-    let p = Proc::spawn(
+    let p = spawn(
         dir.path(),
         "pipeline: { queue_capacity: 2, max_batches_per_commit: 2, tick: 100ms }\n",
     );
@@ -354,4 +289,8 @@ async fn overload_gets_retryable_refusals_and_keeps_every_acknowledged_signal() 
         "every acknowledged signal kept, nothing else counted"
     );
     assert!(peak < RSS_BOUND_KIB);
+}
+
+fn spawn(data_dir: &Path, config: &str) -> Proc {
+    Proc::spawn(data_dir, Some(config))
 }

@@ -6,66 +6,19 @@
 //! the number of distinct signals: nothing missing, nothing counted twice.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bizsignal");
+mod common;
+use common::serve::ServeProcess as Proc;
+
 const WORKERS: usize = 4;
 const KILLS: usize = 4;
 const T0: u64 = 1_795_000_000_000_000_000;
 
-struct Proc {
-    child: Child,
-    otlp_http: String,
-    http: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn spawn(data_dir: &Path) -> Proc {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--otlp-grpc",
-            "127.0.0.1:0",
-            "--otlp-http",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let field = |line: &str, key: &str| {
-        line.split(&format!(" {key}="))
-            .nth(1)
-            .map(|r| r.split_whitespace().next().unwrap().to_string())
-    };
-    loop {
-        let line = lines.next().expect("serve printed its addresses").unwrap();
-        if line.contains("bizsignal started") {
-            let otlp_http = field(&line, "otlp_http").unwrap();
-            let http = field(&line, "http").unwrap();
-            std::thread::spawn(move || for _ in lines {});
-            return Proc {
-                child,
-                otlp_http,
-                http,
-            };
-        }
-    }
+    Proc::spawn(data_dir, None)
 }
 
 fn body(worker: usize, seq: u64) -> String {

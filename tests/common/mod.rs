@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod chdb;
+pub mod serve;
 
 use bizsignal::app::RunningApp;
 use bizsignal::config::Config;
