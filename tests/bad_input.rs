@@ -210,6 +210,8 @@ async fn full_pipeline_answers_retryable_statuses_and_keeps_acknowledged_data() 
         c.pipeline.queue_capacity = 1;
         c.pipeline.max_batches_per_commit = 1;
         c.pipeline.retry_after = Duration::from_secs(2);
+        // Generous, so a slow machine does not turn the held lock into timeouts.
+        c.pipeline.ack_timeout = Duration::from_secs(60);
     })
     .await;
     // Hold SQLite's write lock from outside: the tracker blocks on its commit,

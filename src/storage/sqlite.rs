@@ -34,7 +34,7 @@ impl SqliteStore {
         }
         let open = || -> Result<Connection, StorageError> {
             let c = Connection::open(path).map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-            c.busy_timeout(std::time::Duration::from_secs(5))?;
+            c.busy_timeout(std::time::Duration::from_secs(30))?;
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.pragma_update(None, "synchronous", "FULL")?;
             c.pragma_update(None, "foreign_keys", "ON")?;
