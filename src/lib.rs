@@ -10,6 +10,7 @@ pub mod app;
 pub mod classify;
 pub mod config;
 pub mod demo;
+pub mod loadgen;
 pub mod metrics;
 pub mod receivers;
 pub mod runs;

@@ -59,6 +59,8 @@ enum Command {
         #[arg(long)]
         run_suffix: Option<String>,
     },
+    /// Generate OTLP load and report throughput, latency and server CPU.
+    Loadgen(bizsignal::loadgen::LoadgenOptions),
 }
 
 fn init_logging() {
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Migrate { config, dry_run } => migrate(config, dry_run),
+        Command::Loadgen(o) => bizsignal::loadgen::main(o),
         Command::Serve { config, otlp_grpc, otlp_http, http, data_dir } => {
             init_logging();
             let loaded = match config {
