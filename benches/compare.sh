@@ -5,18 +5,18 @@
 # medians and the ratio. See docs/benchmarks.md.
 #
 # Environment (defaults in brackets):
-#   REPS [3]  DURATION [15s]  CONCURRENCY [4]  BATCH [200]  RPS [150]
-#   SCENARIOS ["mixed:0.1 business:1.0"]  PROTOCOL [grpc]  SIGNAL [traces]
+#   REPS [3]  DURATION [10s]  CONCURRENCY [8]  BATCH [200]
+#   SCENARIOS ["mixed:0.1:100 business:1.0:20"]  (name:business ratio:requests/s)
+#   PROTOCOL [grpc]  SIGNAL [traces]
 #   SKIP_BUILD [unset]  OUT [target/bench-compare]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 REPS=${REPS:-3}
-DURATION=${DURATION:-15s}
-CONCURRENCY=${CONCURRENCY:-4}
+DURATION=${DURATION:-10s}
+CONCURRENCY=${CONCURRENCY:-8}
 BATCH=${BATCH:-200}
-RPS=${RPS:-150}
-SCENARIOS=${SCENARIOS:-"mixed:0.1 business:1.0"}
+SCENARIOS=${SCENARIOS:-"mixed:0.1:100 business:1.0:20"}
 PROTOCOL=${PROTOCOL:-grpc}
 SIGNAL=${SIGNAL:-traces}
 OUT=${OUT:-$ROOT/target/bench-compare}
@@ -36,7 +36,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then cargo build --release --bin bizsignal; fi
 wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 port_of() { [ "$PROTOCOL" = grpc ] && echo "$1" || echo "$2"; }
 
-loadgen() { # $1 port  $2 pid  $3 business ratio
+loadgen() { # $1 port  $2 pid  $3 business ratio  (RPS from the scenario)
   "$BIN" loadgen --endpoint "http://127.0.0.1:$1" --protocol "$PROTOCOL" --signal "$SIGNAL" \
     --concurrency "$CONCURRENCY" --batch "$BATCH" --rps "$RPS" --duration "$DURATION" \
     --business-ratio "$3" --server-pid "$2" --json
@@ -64,13 +64,13 @@ run_rotel() { # $1 ratio
 RESULTS=$OUT/results.jsonl
 : > "$RESULTS"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "load: protocol=$PROTOCOL signal=$SIGNAL concurrency=$CONCURRENCY batch=$BATCH rps=$RPS duration=$DURATION"
+echo "load: protocol=$PROTOCOL signal=$SIGNAL concurrency=$CONCURRENCY batch=$BATCH duration=$DURATION scenarios=$SCENARIOS"
 for sc in $SCENARIOS; do
-  name=${sc%%:*}; ratio=${sc#*:}
+  IFS=: read -r name ratio RPS <<<"$sc"
   for rep in $(seq 1 "$REPS"); do
     for peer in bizsignal rotel; do
       line=$("run_$peer" "$ratio")
-      echo "{\"scenario\":\"$name\",\"peer\":\"$peer\",\"rep\":$rep,\"report\":$line}" | tee -a "$RESULTS"
+      echo "{\"scenario\":\"$name\",\"rps\":$RPS,\"peer\":\"$peer\",\"rep\":$rep,\"report\":$line}" | tee -a "$RESULTS"
     done
   done
 done
@@ -89,5 +89,9 @@ for sc in dict.fromkeys(r["scenario"] for r in rows):
         print(f"{sc:10} {peer:10} {', '.join(f'{c:.2f}' for c in cpu):40} {med[peer]:8.2f} "
               f"{statistics.median(r['accepted_per_s'] for r in rs):8.0f} {statistics.median(r['latency_ms_p99'] for r in rs):7.1f} "
               f"{max(r['server_peak_rss_kib'] for r in rs)/1024:12.1f} {sum(r['requests_refused'] + r['requests_failed'] for r in rs):7d}")
-    print(f"{sc:10} ratio bizsignal/rotel (medians): {med['bizsignal'] / med['rotel']:.2f}")
+    pairs = [b["report"]["server_cpu_s_per_million"] / r["report"]["server_cpu_s_per_million"]
+             for b in rows for r in rows
+             if b["scenario"] == r["scenario"] == sc and b["rep"] == r["rep"] and b["peer"] == "bizsignal" and r["peer"] == "rotel"]
+    print(f"{sc:10} ratio bizsignal/rotel: {med['bizsignal'] / med['rotel']:.2f} (ratio of medians); "
+          f"per-rep ratios {', '.join(f'{p:.2f}' for p in pairs)}, median {statistics.median(pairs):.2f}")
 PY
