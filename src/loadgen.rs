@@ -645,7 +645,12 @@ pub async fn run(o: &LoadgenOptions) -> anyhow::Result<Report> {
     let cpu0 = pid.as_deref().and_then(proc_cpu_seconds);
     let self_cpu0 = proc_cpu_seconds("self");
     let counters = Arc::new(Counters::default());
-    let seq = Arc::new(AtomicU64::new(1));
+    // Sequence numbers start at the current time in microseconds (mod 2^39,
+    // the bits a span id has for them): a later run against the same server
+    // never reuses an earlier run's span ids, so nothing is a duplicate.
+    let seq = Arc::new(AtomicU64::new(
+        ((crate::now_ns() as u64) / 1000 & 0x7F_FFFF_FFFF).max(1),
+    ));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let start = Instant::now();
     let deadline = start + duration;
