@@ -12,6 +12,7 @@ pub mod classify;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod loadgen;
 pub mod metrics;
 pub mod net;
 pub mod receivers;

@@ -60,6 +60,8 @@ enum Command {
         #[arg(long)]
         run_suffix: Option<String>,
     },
+    /// Generate OTLP load and report throughput, latency and server CPU.
+    Loadgen(bizsignal::loadgen::LoadgenOptions),
     /// List, show and watch runs on a running bizsignal.
     Runs {
         #[command(subcommand)]
@@ -173,6 +175,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Migrate { config, dry_run } => migrate(config, dry_run),
+        Command::Loadgen(o) => bizsignal::loadgen::main(o),
         Command::Serve { config, otlp_grpc, otlp_http, http, data_dir } => {
             init_logging();
             let loaded = match config {
