@@ -9,8 +9,6 @@ use bizsignal::config::{
 };
 use common::*;
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _};
-use opentelemetry::trace::{Span as _, Status, TraceContextExt, Tracer as _, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -367,32 +365,6 @@ fn p(pairs: &[(&str, &str)]) -> Attrs {
 
 // ---------- drivers: real SDK exporters into bizsignal ----------
 
-fn send_span_run(endpoint: String, run_id: &str, fail: bool) {
-    let (tp, lp) = providers(&endpoint, Proto::Grpc, "billing-worker");
-    let tracer = tp.tracer("test");
-    let root = tracer
-        .span_builder("reconcile")
-        .with_attributes(vec![
-            KeyValue::new("business.process.name", "reconcile"),
-            KeyValue::new("business.run.id", run_id.to_string()),
-        ])
-        .start(&tracer);
-    let cx = Context::current_with_span(root);
-    for (name, milestone, n) in [("fetch", "fetched", 10_i64), ("match", "matched", 7)] {
-        let mut s = tracer.start_with_context(name, &cx);
-        s.set_attribute(KeyValue::new("business.process.name", "reconcile"));
-        s.set_attribute(KeyValue::new("business.milestone", milestone));
-        s.set_attribute(KeyValue::new("business.records.processed", n));
-        s.end();
-    }
-    if fail {
-        cx.span().set_status(Status::error("ledger unavailable"));
-    }
-    cx.span().end();
-    tp.force_flush().unwrap();
-    tp.shutdown().unwrap();
-    let _ = lp.shutdown();
-}
 
 /// Log records of one run: (records.imported, progress done, status).
 fn send_logs(
@@ -467,7 +439,7 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
     .await;
     let g = srv.grpc_endpoint();
     let e = g.clone();
-    tokio::task::spawn_blocking(move || send_span_run(e.clone(), "r-1", true))
+    tokio::task::spawn_blocking(move || send_span_run(e.clone(), Proto::Grpc, "r-1", true))
         .await
         .unwrap();
     srv.wait_run("reconcile", "r-1", Duration::from_secs(5), |r| {
@@ -475,7 +447,7 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
     })
     .await;
     let e = g.clone();
-    tokio::task::spawn_blocking(move || send_span_run(e, "r-2", false))
+    tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, "r-2", false))
         .await
         .unwrap();
     let r2 = srv
@@ -855,7 +827,7 @@ async fn delta_temporality_exports_increments() {
     let records = p(&[(P, "reconcile"), ("business.records.outcome", "processed")]);
     for (i, run) in ["d-1", "d-2"].into_iter().enumerate() {
         let e = g.clone();
-        tokio::task::spawn_blocking(move || send_span_run(e, run, false))
+        tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, run, false))
             .await
             .unwrap();
         srv.wait_run("reconcile", run, Duration::from_secs(5), |r| {

@@ -4,35 +4,7 @@
 mod common;
 use common::*;
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _};
-use opentelemetry::trace::{Span as _, Status, TraceContextExt, Tracer as _, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
 use std::time::Duration;
-
-/// A span-based run: root with run id, children with milestones and counts;
-/// the root's ERROR status ends the run failed.
-fn send_span_run(endpoint: String, proto: Proto, run_id: String, fail: bool) {
-    let (tp, lp) = providers(&endpoint, proto, "billing-worker");
-    let tracer = tp.tracer("test");
-    let root = tracer
-        .span_builder("reconcile")
-        .with_attributes(vec![KeyValue::new("business.process.name", "reconcile"), KeyValue::new("business.run.id", run_id)])
-        .start(&tracer);
-    let cx = Context::current_with_span(root);
-    for (name, milestone, n) in [("fetch", "fetched", 10_i64), ("match", "matched", 7)] {
-        let mut s = tracer.start_with_context(name, &cx);
-        s.set_attribute(KeyValue::new("business.process.name", "reconcile"));
-        s.set_attribute(KeyValue::new("business.milestone", milestone));
-        s.set_attribute(KeyValue::new("business.records.processed", n));
-        s.end();
-    }
-    if fail {
-        cx.span().set_status(Status::error("ledger unavailable"));
-    }
-    cx.span().end();
-    tp.force_flush().unwrap();
-    tp.shutdown().unwrap();
-    let _ = lp.shutdown();
-}
 
 /// A log-only run with progress and an explicit status.
 fn send_log_run(endpoint: String, proto: Proto, run_id: String) {
@@ -63,7 +35,7 @@ async fn spans_and_logs(proto: Proto) {
         Proto::HttpProtobuf => format!("http://{}", srv.app().otlp_http),
     };
     let e = endpoint.clone();
-    tokio::task::spawn_blocking(move || send_span_run(e, proto, "r-1".into(), true)).await.unwrap();
+    tokio::task::spawn_blocking(move || send_span_run(e, proto, "r-1", true)).await.unwrap();
     let run = srv.wait_run("reconcile", "r-1", Duration::from_secs(5), |r| r["status"] == "failed").await;
     assert_eq!(run["counts"]["processed"], 17);
     assert_eq!(run["error"], "ledger unavailable");
@@ -96,7 +68,7 @@ async fn exporter_over_http_protobuf_assembles_runs() {
 async fn successful_root_span_ends_run_succeeded() {
     let srv = Server::start().await;
     let e = srv.grpc_endpoint();
-    tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, "ok-1".into(), false)).await.unwrap();
+    tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, "ok-1", false)).await.unwrap();
     let run = srv.wait_run("reconcile", "ok-1", Duration::from_secs(5), |r| r["status"] == "succeeded").await;
     assert!(run["ended_at"].is_string());
     assert!(run["error"].is_null());

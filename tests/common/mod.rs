@@ -226,3 +226,31 @@ pub fn n(v: i64) -> Value {
 pub fn now() -> u64 {
     bizsignal::now_ns() as u64
 }
+
+/// A span-based run: root with run id, children with milestones and counts;
+/// the root's ERROR status ends the run failed.
+pub fn send_span_run(endpoint: String, proto: Proto, run_id: &str, fail: bool) {
+    use opentelemetry::trace::{Span as _, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+    use opentelemetry::{Context, KeyValue};
+    let (tp, lp) = providers(&endpoint, proto, "billing-worker");
+    let tracer = tp.tracer("test");
+    let root = tracer
+        .span_builder("reconcile")
+        .with_attributes(vec![KeyValue::new("business.process.name", "reconcile"), KeyValue::new("business.run.id", run_id.to_string())])
+        .start(&tracer);
+    let cx = Context::current_with_span(root);
+    for (name, milestone, n) in [("fetch", "fetched", 10_i64), ("match", "matched", 7)] {
+        let mut s = tracer.start_with_context(name, &cx);
+        s.set_attribute(KeyValue::new("business.process.name", "reconcile"));
+        s.set_attribute(KeyValue::new("business.milestone", milestone));
+        s.set_attribute(KeyValue::new("business.records.processed", n));
+        s.end();
+    }
+    if fail {
+        cx.span().set_status(Status::error("ledger unavailable"));
+    }
+    cx.span().end();
+    tp.force_flush().unwrap();
+    tp.shutdown().unwrap();
+    let _ = lp.shutdown();
+}
