@@ -46,10 +46,7 @@ impl Store for NullStore {
     fn list_processes(&self) -> Result<Vec<ProcessSummary>, StorageError> {
         Ok(vec![])
     }
-    fn list_runs(
-        &self,
-        _: &RunQuery,
-    ) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError> {
+    fn list_runs(&self, _: &RunQuery) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError> {
         Ok((vec![], None))
     }
     fn run_events(&self, _: &RunKey, _: usize) -> Result<Vec<BusinessEvent>, StorageError> {
@@ -65,12 +62,7 @@ fn business_signals(n: usize) -> Vec<Signal> {
     let (body, _) = sample_request(Kind::Traces, n, 1.0, 7);
     let req = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
     let c = classifier().classify_traces(&req.resource_spans, bizsignal::now_ns());
-    assert_eq!(
-        c.signals.len(),
-        n,
-        "all sample spans classify as business: {:?}",
-        c.reasons
-    );
+    assert_eq!(c.signals.len(), n, "all sample spans classify as business: {:?}", c.reasons);
     c.signals
 }
 
@@ -78,11 +70,7 @@ fn decode_classify(c: &mut Criterion) {
     let cl = classifier();
     let mut g = c.benchmark_group("decode_classify");
     g.throughput(Throughput::Elements(BATCH as u64));
-    for (name, ratio) in [
-        ("non_business", 0.0),
-        ("mixed_10pct", 0.1),
-        ("business", 1.0),
-    ] {
+    for (name, ratio) in [("non_business", 0.0), ("mixed_10pct", 0.1), ("business", 1.0)] {
         let (body, _) = sample_request(Kind::Traces, BATCH, ratio, 11);
         g.bench_function(format!("{name}/decode"), |b| {
             b.iter(|| ExportTraceServiceRequest::decode(body.as_slice()).unwrap())
@@ -97,10 +85,7 @@ fn decode_classify(c: &mut Criterion) {
     g.finish();
 }
 
-fn start_tracker(
-    store: Arc<dyn Store>,
-    observers: Vec<Arc<dyn Observer>>,
-) -> (TrackerHandle, Arc<AtomicBool>) {
+fn start_tracker(store: Arc<dyn Store>, observers: Vec<Arc<dyn Observer>>) -> (TrackerHandle, Arc<AtomicBool>) {
     let sd = Arc::new(AtomicBool::new(false));
     let (h, _join) = Tracker::start(
         store,
@@ -116,16 +101,8 @@ fn start_tracker(
 }
 
 /// Submits `template` with fresh signal ids each iteration (no de-duplication).
-fn bench_tracker(
-    c: &mut Criterion,
-    name: &str,
-    store: Arc<dyn Store>,
-    observers: Vec<Arc<dyn Observer>>,
-) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+fn bench_tracker(c: &mut Criterion, name: &str, store: Arc<dyn Store>, observers: Vec<Arc<dyn Observer>>) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (handle, sd) = start_tracker(store, observers);
     let template = business_signals(BATCH);
     let mut next_id: u128 = 1 << 100;
@@ -154,14 +131,8 @@ fn tracker_update(c: &mut Criterion) {
 }
 
 fn metrics_update(c: &mut Criterion) {
-    let p = MetricsPipeline::build(&MetricsConfig::default(), Arc::new(SelfMetrics::default()))
-        .unwrap();
-    bench_tracker(
-        c,
-        "update+metrics (null store)",
-        Arc::new(NullStore),
-        vec![p.business.clone()],
-    );
+    let p = MetricsPipeline::build(&MetricsConfig::default(), Arc::new(SelfMetrics::default())).unwrap();
+    bench_tracker(c, "update+metrics (null store)", Arc::new(NullStore), vec![p.business.clone()]);
 }
 
 fn sqlite_write(c: &mut Criterion) {
@@ -175,12 +146,7 @@ fn batch_encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("storage");
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("batch encode (to_events)", |b| {
-        b.iter(|| {
-            signals
-                .iter()
-                .map(|s| s.to_events("run-1").len())
-                .sum::<usize>()
-        })
+        b.iter(|| signals.iter().map(|s| s.to_events("run-1").len()).sum::<usize>())
     });
     g.finish();
 }

@@ -61,9 +61,14 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
                 .map_err(|e| StorageError::Unavailable(e.to_string()))??;
             Arc::new(store)
         }
-        StorageKind::Clickhouse => {
-            Arc::new(crate::storage::clickhouse::ClickHouseStore::open(&config.storage.clickhouse, &config.data_dir, metrics.clone()).await?)
-        }
+        StorageKind::Clickhouse => Arc::new(
+            crate::storage::clickhouse::ClickHouseStore::open(
+                &config.storage.clickhouse,
+                &config.data_dir,
+                metrics.clone(),
+            )
+            .await?,
+        ),
     };
     let classifier = Arc::new(Classifier::new(config.limits.clone(), &config.rules).map_err(AppError::Config)?);
 
@@ -76,7 +81,9 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let tls = |alpn: &[&[u8]]| -> Result<_, AppError> {
         match &config.server.tls {
             None => Ok(None),
-            Some(t) => crate::net::load_tls(t, alpn).map(Some).map_err(|(k, r)| AppError::Config(format!("server.tls.{k}: {r}"))),
+            Some(t) => crate::net::load_tls(t, alpn)
+                .map(Some)
+                .map_err(|(k, r)| AppError::Config(format!("server.tls.{k}: {r}"))),
         }
     };
     let max_conns = config.server.max_connections;
@@ -84,7 +91,8 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let http_l = crate::net::Acceptor::spawn(http_l, tls(&[b"h2", b"http/1.1"])?, max_conns, "OTLP/HTTP");
     let api_l = crate::net::Acceptor::spawn(api_l, tls(&[b"h2", b"http/1.1"])?, max_conns, "API");
     let (otlp_grpc, otlp_http, http) = (grpc_l.local_addr(), http_l.local_addr(), api_l.local_addr());
-    let auth = crate::auth::Auth::from_config(&config.server.auth).map_err(|r| AppError::Config(format!("server.auth: {r}")))?;
+    let auth = crate::auth::Auth::from_config(&config.server.auth)
+        .map_err(|r| AppError::Config(format!("server.auth: {r}")))?;
     let auth_reloader = auth.spawn_reloader(config.server.auth.reload_interval);
     let cors = Arc::new(config.server.cors_allowed_origins.clone());
 
@@ -101,18 +109,25 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     let exposition = Arc::new(exposition);
 
     let tracker_shutdown = Arc::new(AtomicBool::new(false));
-    let (st, exp, pipe, m, sd) = (store.clone(), config.processes.clone(), config.pipeline.clone(), metrics.clone(), tracker_shutdown.clone());
+    let (st, exp, pipe, m, sd) =
+        (store.clone(), config.processes.clone(), config.pipeline.clone(), metrics.clone(), tracker_shutdown.clone());
     let observers: Vec<Arc<dyn crate::runs::tracker::Observer>> = vec![exposition.business.clone()];
     let max_active_runs = config.limits.max_active_runs;
-    let (tracker, tracker_thread) = tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, observers, max_active_runs, sd))
-        .await
-        .map_err(|e| StorageError::Unavailable(e.to_string()))??;
+    let (tracker, tracker_thread) =
+        tokio::task::spawn_blocking(move || Tracker::start(st, exp, pipe, m, observers, max_active_runs, sd))
+            .await
+            .map_err(|e| StorageError::Unavailable(e.to_string()))??;
 
     let known = {
         let st = store.clone();
-        tokio::task::spawn_blocking(move || st.list_processes()).await.map_err(|e| StorageError::Unavailable(e.to_string()))??
+        tokio::task::spawn_blocking(move || st.list_processes())
+            .await
+            .map_err(|e| StorageError::Unavailable(e.to_string()))??
     };
-    let processes = Arc::new(crate::receivers::ProcessRegistry::new(config.limits.max_processes, known.into_iter().map(|p| p.name)));
+    let processes = Arc::new(crate::receivers::ProcessRegistry::new(
+        config.limits.max_processes,
+        known.into_iter().map(|p| p.name),
+    ));
     let intake = Intake { classifier, tracker: tracker.clone(), metrics: metrics.clone(), processes };
     let (stop, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -151,8 +166,17 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     }));
 
     let ready = Arc::new(AtomicBool::new(true));
-    let events = crate::api::events::EventsIntake { intake: intake.clone(), limits: config.limits.clone(), retry_after: config.pipeline.retry_after };
-    let queries = Queries { store, configured_processes: config.processes.keys().cloned().collect(), tracker: tracker.clone(), stop: stop_rx.clone() };
+    let events = crate::api::events::EventsIntake {
+        intake: intake.clone(),
+        limits: config.limits.clone(),
+        retry_after: config.pipeline.retry_after,
+    };
+    let queries = Queries {
+        store,
+        configured_processes: config.processes.keys().cloned().collect(),
+        tracker: tracker.clone(),
+        stop: stop_rx.clone(),
+    };
     // REST and the gRPC query API share the `--http` port (h2c for gRPC).
     let grpc_api = api::grpc::QueryApi { queries: queries.clone() }.router();
     let api_router = api::router(ApiState {

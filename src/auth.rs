@@ -22,8 +22,7 @@ use subtle::ConstantTimeEq;
 pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 pub fn read_token_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
     Ok(parse_tokens(text.lines()))
 }
 
@@ -33,11 +32,7 @@ pub fn read_token_env(name: &str) -> Result<Vec<Vec<u8>>, String> {
 }
 
 fn parse_tokens<'a>(items: impl Iterator<Item = &'a str>) -> Vec<Vec<u8>> {
-    items
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && !t.starts_with('#'))
-        .map(|t| t.as_bytes().to_vec())
-        .collect()
+    items.map(str::trim).filter(|t| !t.is_empty() && !t.starts_with('#')).map(|t| t.as_bytes().to_vec()).collect()
 }
 
 /// One token set.
@@ -89,12 +84,8 @@ impl Tokens {
     pub fn reload(&self, force: bool) -> Result<(), String> {
         let mut tokens = self.from_env.clone();
         if let Some(f) = &self.file {
-            let meta = std::fs::metadata(f)
-                .map_err(|e| format!("cannot read token file {}: {e}", f.display()))?;
-            let stamp = (
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                meta.len(),
-            );
+            let meta = std::fs::metadata(f).map_err(|e| format!("cannot read token file {}: {e}", f.display()))?;
+            let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
             if !force && *self.stamp.read().unwrap() == Some(stamp) {
                 return Ok(());
             }
@@ -149,16 +140,8 @@ pub struct Auth {
 impl Auth {
     pub fn from_config(c: &AuthConfig) -> Result<Arc<Auth>, String> {
         Ok(Arc::new(Auth {
-            intake: Tokens::new(
-                "intake",
-                c.intake_tokens_file.clone(),
-                c.intake_tokens_env.as_deref(),
-            )?,
-            read: Tokens::new(
-                "read",
-                c.read_tokens_file.clone(),
-                c.read_tokens_env.as_deref(),
-            )?,
+            intake: Tokens::new("intake", c.intake_tokens_file.clone(), c.intake_tokens_env.as_deref())?,
+            read: Tokens::new("read", c.read_tokens_file.clone(), c.read_tokens_env.as_deref())?,
         }))
     }
 
@@ -167,8 +150,7 @@ impl Auth {
         let auth = Arc::downgrade(self);
         tokio::spawn(async move {
             #[cfg(unix)]
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -200,36 +182,23 @@ fn unauthorized_json() -> Response {
         format!("{{\"error\":\"{UNAUTHENTICATED}\"}}"),
     )
         .into_response();
-    r.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
 }
 
 /// Middleware for the OTLP/HTTP port: everything there is intake.
 pub async fn otlp_http_auth(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
-    if req.method() == Method::OPTIONS
-        || auth
-            .intake
-            .allows_header(req.headers().get(header::AUTHORIZATION))
-    {
+    if req.method() == Method::OPTIONS || auth.intake.allows_header(req.headers().get(header::AUTHORIZATION)) {
         return next.run(req).await;
     }
-    let ct = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let enc = if ct.starts_with("application/x-protobuf") || ct.starts_with("application/protobuf")
-    {
+    let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let enc = if ct.starts_with("application/x-protobuf") || ct.starts_with("application/protobuf") {
         Some(crate::receivers::http::Encoding::Protobuf)
     } else {
         Some(crate::receivers::http::Encoding::Json)
     };
-    let mut r =
-        crate::receivers::http::HttpError::new(StatusCode::UNAUTHORIZED, UNAUTHENTICATED, enc)
-            .into_response();
-    r.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    let mut r = crate::receivers::http::HttpError::new(StatusCode::UNAUTHORIZED, UNAUTHENTICATED, enc).into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
 }
 
@@ -237,8 +206,7 @@ pub async fn otlp_http_auth(State(auth): State<Arc<Auth>>, req: Request, next: N
 /// the page, `/healthz` and `/readyz` are open; everything else is a read.
 pub async fn api_auth(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let tokens = if req.method() == Method::OPTIONS || matches!(path, "/" | "/healthz" | "/readyz")
-    {
+    let tokens = if req.method() == Method::OPTIONS || matches!(path, "/" | "/healthz" | "/readyz") {
         None
     } else if path == "/api/v1/events" {
         Some(&auth.intake)
@@ -248,7 +216,11 @@ pub async fn api_auth(State(auth): State<Arc<Auth>>, req: Request, next: Next) -
     match tokens {
         Some(t) if !t.allows_header(req.headers().get(header::AUTHORIZATION)) => {
             // gRPC query API clients get a gRPC status, everyone else JSON.
-            let grpc = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
+            let grpc = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| c.starts_with("application/grpc"));
             if grpc {
                 tonic::Status::unauthenticated(UNAUTHENTICATED).into_http::<axum::body::Body>()
             } else {
@@ -285,33 +257,21 @@ pub async fn cors(State(origins): State<Arc<Vec<String>>>, req: Request, next: N
     let Some(origin) = origin else {
         return next.run(req).await;
     };
-    let preflight = req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let mut resp = if preflight {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        next.run(req).await
-    };
+    let preflight =
+        req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(req).await };
     let h: &mut HeaderMap = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&origin) {
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
     }
     h.append(header::VARY, HeaderValue::from_static("Origin"));
     if preflight {
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST"),
-        );
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static("authorization, content-type, content-encoding"),
         );
-        h.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     }
     resp
 }

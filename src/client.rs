@@ -24,11 +24,7 @@ pub enum ClientError {
     #[error("cannot reach bizsignal at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("bizsignal at {url} answered {status}: {message}")]
-    Server {
-        url: String,
-        status: u16,
-        message: String,
-    },
+    Server { url: String, status: u16, message: String },
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -78,13 +74,10 @@ pub struct Client {
 
 impl Client {
     pub fn new(server: &str) -> Result<Client, ClientError> {
-        let mut base = reqwest::Url::parse(server).map_err(|e| {
-            ClientError::BadRequest(format!("--server {server:?} is not a URL: {e}"))
-        })?;
+        let mut base = reqwest::Url::parse(server)
+            .map_err(|e| ClientError::BadRequest(format!("--server {server:?} is not a URL: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
-            return Err(ClientError::BadRequest(format!(
-                "--server {server:?} must be an http:// URL"
-            )));
+            return Err(ClientError::BadRequest(format!("--server {server:?} must be an http:// URL")));
         }
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
@@ -98,22 +91,13 @@ impl Client {
 
     fn url(&self, segments: &[&str]) -> reqwest::Url {
         let mut u = self.base.clone();
-        u.path_segments_mut()
-            .expect("http URL")
-            .pop_if_empty()
-            .extend(segments);
+        u.path_segments_mut().expect("http URL").pop_if_empty().extend(segments);
         u
     }
 
-    async fn send(
-        &self,
-        req: reqwest::RequestBuilder,
-        url: &reqwest::Url,
-    ) -> Result<reqwest::Response, ClientError> {
-        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
-            url: self.base.to_string(),
-            reason: root_cause(&e),
-        };
+    async fn send(&self, req: reqwest::RequestBuilder, url: &reqwest::Url) -> Result<reqwest::Response, ClientError> {
+        let unreachable =
+            |e: reqwest::Error| ClientError::Unreachable { url: self.base.to_string(), reason: root_cause(&e) };
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
@@ -131,28 +115,12 @@ impl Client {
             } else {
                 message
             }),
-            _ => ClientError::Server {
-                url: url.to_string(),
-                status,
-                message,
-            },
+            _ => ClientError::Server { url: url.to_string(), status, message },
         })
     }
 
-    async fn get_json(
-        &self,
-        url: reqwest::Url,
-        query: &[(&str, &str)],
-    ) -> Result<Value, ClientError> {
-        let resp = self
-            .send(
-                self.http
-                    .get(url.clone())
-                    .query(query)
-                    .timeout(Duration::from_secs(30)),
-                &url,
-            )
-            .await?;
+    async fn get_json(&self, url: reqwest::Url, query: &[(&str, &str)]) -> Result<Value, ClientError> {
+        let resp = self.send(self.http.get(url.clone()).query(query).timeout(Duration::from_secs(30)), &url).await?;
         resp.json().await.map_err(|e| ClientError::Unreachable {
             url: url.to_string(),
             reason: format!("unreadable answer: {}", chain(&e)),
@@ -161,20 +129,13 @@ impl Client {
 
     /// `GET /api/v1/runs` with the given filters (empty values are ignored).
     pub async fn runs(&self, query: &[(&str, &str)]) -> Result<Value, ClientError> {
-        let q: Vec<_> = query
-            .iter()
-            .copied()
-            .filter(|(_, v)| !v.is_empty())
-            .collect();
+        let q: Vec<_> = query.iter().copied().filter(|(_, v)| !v.is_empty()).collect();
         self.get_json(self.url(&["api", "v1", "runs"]), &q).await
     }
 
     /// One run in full; `Ok(None)` when there is no such run.
     pub async fn run(&self, process: &str, run_id: &str) -> Result<Option<Value>, ClientError> {
-        match self
-            .get_json(self.url(&["api", "v1", "runs", process, run_id]), &[])
-            .await
-        {
+        match self.get_json(self.url(&["api", "v1", "runs", process, run_id]), &[]).await {
             Ok(v) => Ok(Some(v)),
             Err(ClientError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
@@ -185,20 +146,11 @@ impl Client {
     /// name and data until the server closes the stream.
     pub async fn stream(&self, mut on: impl FnMut(&str, &str)) -> Result<(), ClientError> {
         let url = self.url(&["api", "v1", "stream"]);
-        let mut resp = self
-            .send(
-                self.http
-                    .get(url.clone())
-                    .header("accept", "text/event-stream"),
-                &url,
-            )
-            .await?;
+        let mut resp = self.send(self.http.get(url.clone()).header("accept", "text/event-stream"), &url).await?;
         let mut buf = String::new();
         loop {
-            let chunk = resp.chunk().await.map_err(|e| ClientError::Unreachable {
-                url: url.to_string(),
-                reason: chain(&e),
-            })?;
+            let chunk =
+                resp.chunk().await.map_err(|e| ClientError::Unreachable { url: url.to_string(), reason: chain(&e) })?;
             let Some(chunk) = chunk else { return Ok(()) };
             buf.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buf.find("\n\n") {
@@ -232,11 +184,7 @@ pub fn human_duration(secs: f64) -> String {
     }
     if secs < 10.0 {
         let r = (secs * 10.0).round() / 10.0;
-        return if r.fract() == 0.0 {
-            format!("{}s", r as u64)
-        } else {
-            format!("{r:.1}s")
-        };
+        return if r.fract() == 0.0 { format!("{}s", r as u64) } else { format!("{r:.1}s") };
     }
     let s = secs.round() as u64;
     let (d, h, m, s) = (s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60);
@@ -288,12 +236,7 @@ fn num(v: &Value) -> String {
 fn counts(run: &Value) -> String {
     run["counts"]
         .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", num(v)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", num(v))).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
 
@@ -323,13 +266,7 @@ fn detail(run: &Value) -> String {
         parts.push(format!("error: {e}"));
     }
     if let Some(v) = run["violations"].as_array().filter(|v| !v.is_empty()) {
-        parts.push(format!(
-            "violated: {}",
-            v.iter()
-                .filter_map(|x| x["rule"].as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        parts.push(format!("violated: {}", v.iter().filter_map(|x| x["rule"].as_str()).collect::<Vec<_>>().join(", ")));
     }
     let p = progress(run);
     if !p.is_empty() && run["status"] != "succeeded" {
@@ -383,18 +320,12 @@ pub fn runs_table(runs: &[Value]) -> String {
                 r["run_id"].as_str().unwrap_or("").to_string(),
                 r["status"].as_str().unwrap_or("").to_string(),
                 relative(&r["started_at"]),
-                r["duration_seconds"]
-                    .as_f64()
-                    .map(human_duration)
-                    .unwrap_or_else(|| "-".into()),
+                r["duration_seconds"].as_f64().map(human_duration).unwrap_or_else(|| "-".into()),
                 detail(r),
             ]
         })
         .collect();
-    table(
-        &["PROCESS", "RUN", "STATUS", "STARTED", "DURATION", "DETAIL"],
-        &rows,
-    )
+    table(&["PROCESS", "RUN", "STATUS", "STARTED", "DURATION", "DETAIL"], &rows)
 }
 
 /// `runs show`: one field per line.
@@ -403,32 +334,15 @@ pub fn run_text(r: &Value) -> String {
         ("process".into(), r["process"].as_str().unwrap_or("").into()),
         ("run".into(), r["run_id"].as_str().unwrap_or("").into()),
         ("status".into(), r["status"].as_str().unwrap_or("").into()),
-        (
-            "started".into(),
-            format!(
-                "{} ({})",
-                r["started_at"].as_str().unwrap_or("-"),
-                relative(&r["started_at"])
-            ),
-        ),
+        ("started".into(), format!("{} ({})", r["started_at"].as_str().unwrap_or("-"), relative(&r["started_at"]))),
     ];
     if !r["ended_at"].is_null() {
         rows.push((
             "ended".into(),
-            format!(
-                "{} ({})",
-                r["ended_at"].as_str().unwrap_or("-"),
-                relative(&r["ended_at"])
-            ),
+            format!("{} ({})", r["ended_at"].as_str().unwrap_or("-"), relative(&r["ended_at"])),
         ));
     }
-    rows.push((
-        "duration".into(),
-        r["duration_seconds"]
-            .as_f64()
-            .map(human_duration)
-            .unwrap_or_else(|| "-".into()),
-    ));
+    rows.push(("duration".into(), r["duration_seconds"].as_f64().map(human_duration).unwrap_or_else(|| "-".into())));
     rows.push(("last signal".into(), relative(&r["last_seen_at"])));
     if let Some(e) = r["error"].as_str() {
         rows.push(("error".into(), e.into()));
@@ -442,34 +356,16 @@ pub fn run_text(r: &Value) -> String {
         rows.push(("progress".into(), p));
     }
     for m in r["milestones"].as_array().into_iter().flatten() {
-        rows.push((
-            "milestone".into(),
-            format!(
-                "{} ({})",
-                m["name"].as_str().unwrap_or(""),
-                relative(&m["at"])
-            ),
-        ));
+        rows.push(("milestone".into(), format!("{} ({})", m["name"].as_str().unwrap_or(""), relative(&m["at"]))));
     }
     for v in r["violations"].as_array().into_iter().flatten() {
         rows.push((
             "violation".into(),
-            format!(
-                "{}: {}",
-                v["rule"].as_str().unwrap_or(""),
-                v["message"].as_str().unwrap_or("")
-            ),
+            format!("{}: {}", v["rule"].as_str().unwrap_or(""), v["message"].as_str().unwrap_or("")),
         ));
     }
     for n in r["notes"].as_array().into_iter().flatten() {
-        rows.push((
-            "note".into(),
-            format!(
-                "{} ({})",
-                n["text"].as_str().unwrap_or(""),
-                relative(&n["at"])
-            ),
-        ));
+        rows.push(("note".into(), format!("{} ({})", n["text"].as_str().unwrap_or(""), relative(&n["at"]))));
     }
     if let Some(vals) = r["values"].as_object() {
         for (k, v) in vals {
@@ -478,19 +374,11 @@ pub fn run_text(r: &Value) -> String {
     }
     for (key, label) in [("services", "services"), ("trace_ids", "traces")] {
         if let Some(a) = r[key].as_array().filter(|a| !a.is_empty()) {
-            rows.push((
-                label.into(),
-                a.iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ));
+            rows.push((label.into(), a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")));
         }
     }
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    rows.iter()
-        .map(|(k, v)| format!("{k:<w$}  {v}\n"))
-        .collect()
+    rows.iter().map(|(k, v)| format!("{k:<w$}  {v}\n")).collect()
 }
 
 /// One line per change for `runs watch`.
@@ -502,15 +390,8 @@ pub fn change_line(r: &Value) -> String {
         r["process"].as_str().unwrap_or(""),
         r["run_id"].as_str().unwrap_or(""),
         r["status"].as_str().unwrap_or(""),
-        r["duration_seconds"]
-            .as_f64()
-            .map(human_duration)
-            .unwrap_or_else(|| "-".into()),
-        if d.is_empty() {
-            String::new()
-        } else {
-            format!("  {d}")
-        }
+        r["duration_seconds"].as_f64().map(human_duration).unwrap_or_else(|| "-".into()),
+        if d.is_empty() { String::new() } else { format!("  {d}") }
     )
 }
 
@@ -552,9 +433,7 @@ pub async fn runs_list(c: &Client, a: &ListArgs, json: bool) -> u8 {
             } else {
                 print!("{}", runs_table(&runs));
                 if !v["next_cursor"].is_null() {
-                    println!(
-                        "(more runs: raise --limit or narrow with --process, --status, --since)"
-                    );
+                    println!("(more runs: raise --limit or narrow with --process, --status, --since)");
                 }
             }
             exit::OK
@@ -573,9 +452,7 @@ pub async fn runs_show(c: &Client, process: &str, run_id: &str, json: bool) -> u
             print!("{}", run_text(&v));
             exit::OK
         }
-        Ok(None) => fail(ClientError::NotFound(format!(
-            "no run {run_id:?} of process {process:?}"
-        ))),
+        Ok(None) => fail(ClientError::NotFound(format!("no run {run_id:?} of process {process:?}"))),
         Err(e) => fail(e),
     }
 }
@@ -583,7 +460,10 @@ pub async fn runs_show(c: &Client, process: &str, run_id: &str, json: bool) -> u
 pub async fn runs_watch(c: &Client, process: Option<&str>, json: bool) -> u8 {
     let r = c
         .stream(|event, data| match event {
-            "hello" => eprintln!("watching run changes{} (Ctrl-C to stop)", process.map(|p| format!(" of {p}")).unwrap_or_default()),
+            "hello" => eprintln!(
+                "watching run changes{} (Ctrl-C to stop)",
+                process.map(|p| format!(" of {p}")).unwrap_or_default()
+            ),
             "run" => {
                 let Ok(run) = serde_json::from_str::<Value>(data) else { return };
                 if process.is_some_and(|p| run["process"] != p) {
@@ -601,10 +481,9 @@ pub async fn runs_watch(c: &Client, process: Option<&str>, json: bool) -> u8 {
         })
         .await;
     match r {
-        Ok(()) => fail(ClientError::Unreachable {
-            url: c.base.to_string(),
-            reason: "the server closed the stream".into(),
-        }),
+        Ok(()) => {
+            fail(ClientError::Unreachable { url: c.base.to_string(), reason: "the server closed the stream".into() })
+        }
         Err(e) => fail(e),
     }
 }
@@ -643,14 +522,8 @@ pub async fn wait(c: &Client, a: &WaitArgs, json: bool) -> u8 {
                 if json {
                     println!("{}", pretty(r));
                 } else {
-                    let dur = r["duration_seconds"]
-                        .as_f64()
-                        .map(human_duration)
-                        .unwrap_or_else(|| "-".into());
-                    let err = r["error"]
-                        .as_str()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default();
+                    let dur = r["duration_seconds"].as_f64().map(human_duration).unwrap_or_else(|| "-".into());
+                    let err = r["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
                     println!(
                         "{} run {} {} after {dur}{err}",
                         a.process,
@@ -676,16 +549,9 @@ pub async fn wait(c: &Client, a: &WaitArgs, json: bool) -> u8 {
                 (None, None) => format!("no run started within the last {}", a.since),
             };
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"timed_out": true, "process": a.process, "run": last})
-                );
+                println!("{}", serde_json::json!({"timed_out": true, "process": a.process, "run": last}));
             }
-            eprintln!(
-                "timed out after {} waiting for {}: {what}",
-                human_duration(a.timeout.as_secs_f64()),
-                a.process
-            );
+            eprintln!("timed out after {} waiting for {}: {what}", human_duration(a.timeout.as_secs_f64()), a.process);
             return exit::TIMEOUT;
         }
         tokio::time::sleep(a.interval.min(deadline - now)).await;

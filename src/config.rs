@@ -233,7 +233,11 @@ pub struct StorageConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { kind: StorageKind::Sqlite, sqlite: SqliteConfig::default(), clickhouse: ClickHouseConfig::default() }
+        StorageConfig {
+            kind: StorageKind::Sqlite,
+            sqlite: SqliteConfig::default(),
+            clickhouse: ClickHouseConfig::default(),
+        }
     }
 }
 
@@ -348,11 +352,7 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            otlp: OtlpMetricsConfig::default(),
-            cardinality_limit: 2000,
-            user_defined: Vec::new(),
-        }
+        MetricsConfig { otlp: OtlpMetricsConfig::default(), cardinality_limit: 2000, user_defined: Vec::new() }
     }
 }
 
@@ -506,7 +506,11 @@ impl Config {
             return Err(ConfigError::at(file, "limits", "request size limits must be greater than zero"));
         }
         if l.max_decompressed_bytes < l.max_request_bytes {
-            return Err(ConfigError::at(file, "limits.max_decompressed_bytes", "must be at least limits.max_request_bytes"));
+            return Err(ConfigError::at(
+                file,
+                "limits.max_decompressed_bytes",
+                "must be at least limits.max_request_bytes",
+            ));
         }
         if l.max_processes == 0 || l.max_active_runs == 0 {
             return Err(ConfigError::at(file, "limits", "max_processes and max_active_runs must be greater than zero"));
@@ -558,7 +562,8 @@ impl Config {
                 return Err(ConfigError::at(file, base, "process name must be 1..=max_name_length characters"));
             }
             if let Some(d) = &exp.deadline {
-                crate::runs::expect::DeadlineRule::parse(d).map_err(|r| ConfigError::at(file, format!("{base}.deadline"), r))?;
+                crate::runs::expect::DeadlineRule::parse(d)
+                    .map_err(|r| ConfigError::at(file, format!("{base}.deadline"), r))?;
             }
             for (outcome, b) in &exp.expected_records {
                 let p = format!("{base}.expected_records.{outcome}");
@@ -579,42 +584,36 @@ impl Config {
             }
         }
         for (i, rule) in self.rules.iter().enumerate() {
-            crate::classify::rules::Rule::compile(rule)
-                .map_err(|(path, reason)| ConfigError::at(file, format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }), reason))?;
+            crate::classify::rules::Rule::compile(rule).map_err(|(path, reason)| {
+                ConfigError::at(file, format!("rules[{i}]{}{path}", if path.is_empty() { "" } else { "." }), reason)
+            })?;
         }
         crate::metrics::user::validate(&self.metrics).map_err(|(path, reason)| ConfigError::at(file, path, reason))?;
         if self.storage.kind == StorageKind::Clickhouse {
             let ch = &self.storage.clickhouse;
-            let at =
-                |k: &str, r: String| ConfigError::at(file, format!("storage.clickhouse.{k}"), r);
+            let at = |k: &str, r: String| ConfigError::at(file, format!("storage.clickhouse.{k}"), r);
             if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
                 return Err(at("url", format!("{:?} must start with http://", ch.url)));
             }
             if ch.url.starts_with("https://") {
-                return Err(at("url", "https is not built in; use http:// (e.g. behind a TLS proxy or on a private network)".into()));
+                return Err(at(
+                    "url",
+                    "https is not built in; use http:// (e.g. behind a TLS proxy or on a private network)".into(),
+                ));
             }
             if !valid_identifier(&ch.database) {
                 return Err(at(
                     "database",
-                    format!(
-                        "{:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
-                        ch.database
-                    ),
+                    format!("{:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)", ch.database),
                 ));
             }
             if let Some(c) = &ch.cluster {
                 if !valid_identifier(c) {
-                    return Err(at(
-                        "cluster",
-                        format!("{c:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)"),
-                    ));
+                    return Err(at("cluster", format!("{c:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")));
                 }
             }
             if ch.password.is_some() && ch.password_file.is_some() {
-                return Err(at(
-                    "password_file",
-                    "give password or password_file, not both".into(),
-                ));
+                return Err(at("password_file", "give password or password_file, not both".into()));
             }
             if ch.batch_max_rows == 0 {
                 return Err(at("batch_max_rows", "must be greater than zero".into()));
@@ -719,7 +718,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("empty duration".into());
     }
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| format!("duration {s:?} lacks a unit (ms, s, m, h, d)"))?;
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("duration {s:?} lacks a unit (ms, s, m, h, d)"))?;
         let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
         rest = &rest[num_end..];
         let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
@@ -818,11 +819,14 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_path() {
-        let e = Config::from_yaml("processes:\n  imp:\n    stall_after: 5 parsecs\n", "c.yaml").unwrap_err().to_string();
+        let e =
+            Config::from_yaml("processes:\n  imp:\n    stall_after: 5 parsecs\n", "c.yaml").unwrap_err().to_string();
         assert!(e.starts_with("c.yaml: processes.imp.stall_after:"), "{e}");
         let e = Config::from_yaml("server:\n  htp: 1\n", "c.yaml").unwrap_err().to_string();
         assert!(e.contains("server") && e.contains("unknown field `htp`"), "{e}");
-        let e = Config::from_yaml("processes:\n  imp:\n    deadline: { time: '25:00' }\n", "c.yaml").unwrap_err().to_string();
+        let e = Config::from_yaml("processes:\n  imp:\n    deadline: { time: '25:00' }\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("processes.imp.deadline"), "{e}");
         let e = Config::from_yaml("server: [", "c.yaml").unwrap_err().to_string();
         assert!(e.contains("not valid YAML"), "{e}");

@@ -38,13 +38,26 @@ pub struct DemoOptions {
 }
 
 fn providers(o: &DemoOptions, service: &str) -> Result<(SdkTracerProvider, SdkLoggerProvider), DemoError> {
-    let resource = Resource::builder().with_service_name(service.to_string()).with_attribute(KeyValue::new("deployment.environment.name", "demo")).build();
+    let resource = Resource::builder()
+        .with_service_name(service.to_string())
+        .with_attribute(KeyValue::new("deployment.environment.name", "demo"))
+        .build();
     let ex = |e: opentelemetry_otlp::ExporterBuildError| DemoError::Exporter(e.to_string());
     let base = o.endpoint.trim_end_matches('/');
     let (spans, logs) = match o.protocol {
         Protocol::Grpc => (
-            SpanExporter::builder().with_tonic().with_endpoint(base).with_timeout(Duration::from_secs(10)).build().map_err(ex)?,
-            LogExporter::builder().with_tonic().with_endpoint(base).with_timeout(Duration::from_secs(10)).build().map_err(ex)?,
+            SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(base)
+                .with_timeout(Duration::from_secs(10))
+                .build()
+                .map_err(ex)?,
+            LogExporter::builder()
+                .with_tonic()
+                .with_endpoint(base)
+                .with_timeout(Duration::from_secs(10))
+                .build()
+                .map_err(ex)?,
         ),
         Protocol::Http => (
             SpanExporter::builder().with_http().with_endpoint(format!("{base}/v1/traces")).build().map_err(ex)?,
@@ -57,7 +70,10 @@ fn providers(o: &DemoOptions, service: &str) -> Result<(SdkTracerProvider, SdkLo
 }
 
 fn flush(o: &DemoOptions, tp: &SdkTracerProvider, lp: &SdkLoggerProvider) -> Result<(), DemoError> {
-    let err = |e: opentelemetry_sdk::error::OTelSdkError| DemoError::Export { endpoint: o.endpoint.clone(), reason: e.to_string() };
+    let err = |e: opentelemetry_sdk::error::OTelSdkError| DemoError::Export {
+        endpoint: o.endpoint.clone(),
+        reason: e.to_string(),
+    };
     tp.force_flush().map_err(err)?;
     lp.force_flush().map_err(err)?;
     Ok(())
@@ -82,7 +98,9 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
     let import_id = format!("import-{suffix}");
     let recon_id = format!("recon-{suffix}");
     let report_id = format!("report-{suffix}");
-    let proc_attr = |p: &'static str, run: &str| vec![("business.process.name", AnyValue::from(p)), ("business.run.id", AnyValue::from(run.to_string()))];
+    let proc_attr = |p: &'static str, run: &str| {
+        vec![("business.process.name", AnyValue::from(p)), ("business.run.id", AnyValue::from(run.to_string()))]
+    };
 
     // The import starts first and keeps running while the others happen.
     let (itp, ilp) = providers(o, "catalog-importer")?;
@@ -98,7 +116,10 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
         let tracer = tp.tracer("bizsignal-demo");
         let mut root = tracer
             .span_builder("generate nightly report")
-            .with_attributes(vec![KeyValue::new("business.process.name", "nightly-report"), KeyValue::new("business.run.id", report_id.clone())])
+            .with_attributes(vec![
+                KeyValue::new("business.process.name", "nightly-report"),
+                KeyValue::new("business.run.id", report_id.clone()),
+            ])
             .start(&tracer);
         root.set_status(Status::Ok);
         let cx = Context::current_with_span(root);
@@ -140,7 +161,14 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
             }
             s.end();
         };
-        child("fetch bank statements", vec![KeyValue::new("business.milestone", "statements-fetched"), KeyValue::new("business.records.processed", 1840_i64)], None);
+        child(
+            "fetch bank statements",
+            vec![
+                KeyValue::new("business.milestone", "statements-fetched"),
+                KeyValue::new("business.records.processed", 1840_i64),
+            ],
+            None,
+        );
         child(
             "match invoices",
             vec![
@@ -174,7 +202,10 @@ pub fn run(o: &DemoOptions) -> Result<Vec<(String, String)>, DemoError> {
     log(&ilp, Severity::Warn, "12 rows skipped: missing EAN", a);
     let mut a = proc_attr("product-import", &import_id);
     a.push(("business.milestone", AnyValue::from("prices-validated")));
-    a.push(("business.payload", AnyValue::from(r#"{"currency": "EUR", "price_changes": 214, "largest_change_pct": 12.5}"#)));
+    a.push((
+        "business.payload",
+        AnyValue::from(r#"{"currency": "EUR", "price_changes": 214, "largest_change_pct": 12.5}"#),
+    ));
     log(&ilp, Severity::Info, "prices validated", a);
     flush(o, &itp, &ilp)?;
     std::thread::sleep(o.pace);

@@ -16,15 +16,9 @@
 //! peak RSS (`VmHWM`).
 
 use bytes::{Buf, BufMut, Bytes};
-use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{
-    any_value::Value, AnyValue, InstrumentationScope, KeyValue,
-};
+use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
@@ -139,9 +133,7 @@ impl Report {
             self.latency_ms_max
         );
         if let (Some(c), Some(m)) = (self.server_cpu_s, self.server_cpu_s_per_million) {
-            s.push_str(&format!(
-                "server cpu: {c:.3}s total, {m:.3}s per million accepted spans\n"
-            ));
+            s.push_str(&format!("server cpu: {c:.3}s total, {m:.3}s per million accepted spans\n"));
         }
         if let (Some(p), Some(r)) = (self.server_peak_rss_kib, self.server_rss_kib) {
             s.push_str(&format!("server rss: peak {p} KiB, now {r} KiB\n"));
@@ -165,11 +157,7 @@ struct Template {
 const MARKER: u64 = 0xA5C3_0000_0000_0000;
 
 fn kv(k: &str, v: Value) -> KeyValue {
-    KeyValue {
-        key: k.to_string(),
-        value: Some(AnyValue { value: Some(v) }),
-        ..Default::default()
-    }
+    KeyValue { key: k.to_string(), value: Some(AnyValue { value: Some(v) }), ..Default::default() }
 }
 fn s(v: impl Into<String>) -> Value {
     Value::StringValue(v.into())
@@ -208,22 +196,10 @@ fn business_attrs(rng: &mut Rng, o: &LoadgenOptions) -> Vec<KeyValue> {
     vec![
         kv("business.process.name", s(PROCESSES[p])),
         kv("business.run.id", s(format!("run-{p}-{run:07}"))),
-        kv(
-            "business.records.processed",
-            Value::IntValue(rng.below(5000) as i64),
-        ),
-        kv(
-            "business.records.failed",
-            Value::IntValue(rng.below(5) as i64),
-        ),
-        kv(
-            "business.milestone",
-            s(["fetched", "matched", "posted", "validated"][rng.below(4)]),
-        ),
-        kv(
-            "business.value.amount_eur",
-            Value::DoubleValue(rng.below(1_000_000) as f64 / 100.0),
-        ),
+        kv("business.records.processed", Value::IntValue(rng.below(5000) as i64)),
+        kv("business.records.failed", Value::IntValue(rng.below(5) as i64)),
+        kv("business.milestone", s(["fetched", "matched", "posted", "validated"][rng.below(4)])),
+        kv("business.value.amount_eur", Value::DoubleValue(rng.below(1_000_000) as f64 / 100.0)),
         kv("code.function", s("process_batch")),
         kv("thread.name", s("worker-3")),
         kv("db.system", s("postgresql")),
@@ -232,37 +208,17 @@ fn business_attrs(rng: &mut Rng, o: &LoadgenOptions) -> Vec<KeyValue> {
 }
 
 fn plain_attrs(rng: &mut Rng) -> Vec<KeyValue> {
-    let route = [
-        "/api/orders/{id}",
-        "/api/customers",
-        "/api/cart/{id}/items",
-        "/healthz",
-    ][rng.below(4)];
+    let route = ["/api/orders/{id}", "/api/customers", "/api/cart/{id}/items", "/healthz"][rng.below(4)];
     vec![
-        kv(
-            "http.request.method",
-            s(["GET", "POST", "PUT"][rng.below(3)]),
-        ),
+        kv("http.request.method", s(["GET", "POST", "PUT"][rng.below(3)])),
         kv("http.route", s(route)),
-        kv(
-            "url.path",
-            s(route.replace("{id}", &rng.below(100_000).to_string())),
-        ),
-        kv(
-            "http.response.status_code",
-            Value::IntValue([200, 200, 200, 201, 404, 500][rng.below(6)]),
-        ),
+        kv("url.path", s(route.replace("{id}", &rng.below(100_000).to_string()))),
+        kv("http.response.status_code", Value::IntValue([200, 200, 200, 201, 404, 500][rng.below(6)])),
         kv("server.address", s("orders.internal")),
         kv("server.port", Value::IntValue(8080)),
         kv("network.protocol.version", s("1.1")),
-        kv(
-            "user_agent.original",
-            s("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36"),
-        ),
-        kv(
-            "client.address",
-            s(format!("10.0.{}.{}", rng.below(255), rng.below(255))),
-        ),
+        kv("user_agent.original", s("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36")),
+        kv("client.address", s(format!("10.0.{}.{}", rng.below(255), rng.below(255)))),
         kv("db.system", s("postgresql")),
     ]
 }
@@ -304,23 +260,12 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
                     span_id: id.to_be_bytes().to_vec(),
                     // Never a root: business runs stay open (active runs).
                     parent_span_id: rng.next().to_be_bytes().to_vec(),
-                    name: if b {
-                        "reconcile batch".into()
-                    } else {
-                        "GET /api/orders/{id}".into()
-                    },
+                    name: if b { "reconcile batch".into() } else { "GET /api/orders/{id}".into() },
                     kind: SpanKind::Server as i32,
                     start_time_unix_nano: now - 2_000_000,
                     end_time_unix_nano: now,
-                    attributes: if b {
-                        business_attrs(rng, o)
-                    } else {
-                        plain_attrs(rng)
-                    },
-                    status: Some(SpanStatus {
-                        code: StatusCode::Ok as i32,
-                        message: String::new(),
-                    }),
+                    attributes: if b { business_attrs(rng, o) } else { plain_attrs(rng) },
+                    status: Some(SpanStatus { code: StatusCode::Ok as i32, message: String::new() }),
                     ..Default::default()
                 });
             }
@@ -352,18 +297,8 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
                     observed_time_unix_nano: now,
                     severity_number: 9,
                     severity_text: "INFO".into(),
-                    body: Some(AnyValue {
-                        value: Some(s(if b {
-                            "batch reconciled"
-                        } else {
-                            "request served"
-                        })),
-                    }),
-                    attributes: if b {
-                        business_attrs(rng, o)
-                    } else {
-                        plain_attrs(rng)
-                    },
+                    body: Some(AnyValue { value: Some(s(if b { "batch reconciled" } else { "request served" })) }),
+                    attributes: if b { business_attrs(rng, o) } else { plain_attrs(rng) },
                     trace_id: vec![7; 16],
                     span_id: id.to_be_bytes().to_vec(),
                     ..Default::default()
@@ -372,10 +307,7 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
             let req = ExportLogsServiceRequest {
                 resource_logs: vec![ResourceLogs {
                     resource: resource(["checkout", "billing", "inventory"][t % 3]),
-                    scope_logs: vec![ScopeLogs {
-                        log_records: records,
-                        ..Default::default()
-                    }],
+                    scope_logs: vec![ScopeLogs { log_records: records, ..Default::default() }],
                     ..Default::default()
                 }],
             };
@@ -385,18 +317,10 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
     let mut id_offsets = Vec::with_capacity(ids.len());
     for id in ids {
         let needle = id.to_be_bytes();
-        let pos = body
-            .windows(8)
-            .position(|w| w == needle)
-            .expect("span id in the encoded body");
+        let pos = body.windows(8).position(|w| w == needle).expect("span id in the encoded body");
         id_offsets.push(pos);
     }
-    Template {
-        body,
-        id_offsets,
-        records: o.batch as u64,
-        business,
-    }
+    Template { body, id_offsets, records: o.batch as u64, business }
 }
 
 /// Writes fresh span ids for request `seq` into a copy of the template.
@@ -429,11 +353,7 @@ impl<R: Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<R> 
 impl tonic::codec::Encoder for RawEncoder {
     type Item = Bytes;
     type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Bytes,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
         dst.put(item);
         Ok(())
     }
@@ -441,14 +361,9 @@ impl tonic::codec::Encoder for RawEncoder {
 impl<R: Message + Default> tonic::codec::Decoder for RespDecoder<R> {
     type Item = R;
     type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<R>, tonic::Status> {
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<R>, tonic::Status> {
         let bytes = src.copy_to_bytes(src.remaining());
-        R::decode(bytes)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
+        R::decode(bytes).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
     }
 }
 
@@ -481,12 +396,7 @@ impl Client {
                             RawCodec::<ExportTraceServiceResponse>(std::marker::PhantomData),
                         )
                         .await
-                        .map(|r| {
-                            r.into_inner()
-                                .partial_success
-                                .map(|p| p.rejected_spans)
-                                .unwrap_or(0)
-                        }),
+                        .map(|r| r.into_inner().partial_success.map(|p| p.rejected_spans).unwrap_or(0)),
                     Signal::Logs => g
                         .unary(
                             tonic::Request::new(body),
@@ -496,33 +406,18 @@ impl Client {
                             RawCodec::<ExportLogsServiceResponse>(std::marker::PhantomData),
                         )
                         .await
-                        .map(|r| {
-                            r.into_inner()
-                                .partial_success
-                                .map(|p| p.rejected_log_records)
-                                .unwrap_or(0)
-                        }),
+                        .map(|r| r.into_inner().partial_success.map(|p| p.rejected_log_records).unwrap_or(0)),
                 };
                 match r {
                     Ok(rej) => Outcome::Ok(rej.max(0) as u64),
-                    Err(st)
-                        if matches!(
-                            st.code(),
-                            tonic::Code::ResourceExhausted | tonic::Code::Unavailable
-                        ) =>
-                    {
+                    Err(st) if matches!(st.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable) => {
                         Outcome::Refused
                     }
                     Err(st) => Outcome::Failed(format!("{:?}: {}", st.code(), st.message())),
                 }
             }
             Client::Http(c, url) => {
-                let r = c
-                    .post(url.as_str())
-                    .header("content-type", "application/x-protobuf")
-                    .body(body)
-                    .send()
-                    .await;
+                let r = c.post(url.as_str()).header("content-type", "application/x-protobuf").body(body).send().await;
                 let r = match r {
                     Ok(r) => r,
                     Err(e) => return Outcome::Failed(e.to_string()),
@@ -607,39 +502,19 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 /// Runs the load and returns the report (needs a tokio runtime).
 pub async fn run(o: &LoadgenOptions) -> anyhow::Result<Report> {
-    let duration = crate::config::parse_duration(&o.duration)
-        .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
-    anyhow::ensure!(
-        o.batch > 0 && o.batch < (1 << 20),
-        "--batch must be 1..1048575"
-    );
+    let duration = crate::config::parse_duration(&o.duration).map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
+    anyhow::ensure!(o.batch > 0 && o.batch < (1 << 20), "--batch must be 1..1048575");
     anyhow::ensure!(o.concurrency > 0, "--concurrency must be > 0");
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let templates: Arc<Vec<Template>> = Arc::new(
-        (0..o.templates.max(1))
-            .map(|t| build_template(t, o, &mut rng))
-            .collect(),
-    );
+    let templates: Arc<Vec<Template>> =
+        Arc::new((0..o.templates.max(1)).map(|t| build_template(t, o, &mut rng)).collect());
     let base = o.endpoint.trim_end_matches('/').to_string();
     let channel = match o.protocol {
-        Protocol::Grpc => Some(
-            tonic::transport::Endpoint::from_shared(base.clone())?
-                .connect()
-                .await?,
-        ),
+        Protocol::Grpc => Some(tonic::transport::Endpoint::from_shared(base.clone())?.connect().await?),
         Protocol::Http => None,
     };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(o.concurrency)
-        .build()?;
-    let url = format!(
-        "{base}/v1/{}",
-        if o.signal == Signal::Traces {
-            "traces"
-        } else {
-            "logs"
-        }
-    );
+    let http = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency).build()?;
+    let url = format!("{base}/v1/{}", if o.signal == Signal::Traces { "traces" } else { "logs" });
 
     let pid = o.server_pid.map(|p| p.to_string());
     let cpu0 = pid.as_deref().and_then(proc_cpu_seconds);
@@ -648,9 +523,7 @@ pub async fn run(o: &LoadgenOptions) -> anyhow::Result<Report> {
     // Sequence numbers start at the current time in microseconds (mod 2^39,
     // the bits a span id has for them): a later run against the same server
     // never reuses an earlier run's span ids, so nothing is a duplicate.
-    let seq = Arc::new(AtomicU64::new(
-        ((crate::now_ns() as u64) / 1000 & 0x7F_FFFF_FFFF).max(1),
-    ));
+    let seq = Arc::new(AtomicU64::new(((crate::now_ns() as u64) / 1000 & 0x7F_FFFF_FFFF).max(1)));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let start = Instant::now();
     let deadline = start + duration;
@@ -660,22 +533,14 @@ pub async fn run(o: &LoadgenOptions) -> anyhow::Result<Report> {
             Some(ch) => Client::Grpc(tonic::client::Grpc::new(ch.clone())),
             None => Client::Http(http.clone(), url.clone()),
         };
-        let (templates, counters, seq, first_error, signal) = (
-            templates.clone(),
-            counters.clone(),
-            seq.clone(),
-            first_error.clone(),
-            o.signal,
-        );
+        let (templates, counters, seq, first_error, signal) =
+            (templates.clone(), counters.clone(), seq.clone(), first_error.clone(), o.signal);
         let conc = o.concurrency;
         let period = (o.rps > 0.0).then(|| Duration::from_secs_f64(o.concurrency as f64 / o.rps));
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             // Stagger the workers' first sends over one period.
-            let mut next = Instant::now()
-                + period
-                    .map(|p| p.mul_f64(w as f64 / conc as f64))
-                    .unwrap_or_default();
+            let mut next = Instant::now() + period.map(|p| p.mul_f64(w as f64 / conc as f64)).unwrap_or_default();
             while Instant::now() < deadline {
                 if let Some(p) = period {
                     let now = Instant::now();
@@ -694,9 +559,7 @@ pub async fn run(o: &LoadgenOptions) -> anyhow::Result<Report> {
                 match outcome {
                     Outcome::Ok(rej) => {
                         counters.ok.fetch_add(1, Ordering::Relaxed);
-                        counters
-                            .accepted
-                            .fetch_add(t.records.saturating_sub(rej), Ordering::Relaxed);
+                        counters.accepted.fetch_add(t.records.saturating_sub(rej), Ordering::Relaxed);
                         counters.rejected.fetch_add(rej, Ordering::Relaxed);
                         if rej == 0 {
                             counters.business.fetch_add(t.business, Ordering::Relaxed);
@@ -746,9 +609,7 @@ pub async fn run(o: &LoadgenOptions) -> anyhow::Result<Report> {
         latency_ms_p99: percentile(&lat, 0.99),
         latency_ms_max: lat.last().map(|&m| m as f64 / 1000.0).unwrap_or(0.0),
         server_cpu_s: server_cpu,
-        server_cpu_s_per_million: server_cpu
-            .filter(|_| accepted > 0)
-            .map(|c| c * 1e6 / accepted as f64),
+        server_cpu_s_per_million: server_cpu.filter(|_| accepted > 0).map(|c| c * 1e6 / accepted as f64),
         server_peak_rss_kib: rss.map(|r| r.0),
         server_rss_kib: rss.map(|r| r.1),
         loadgen_cpu_s: self_cpu0.zip(self_cpu1).map(|(a, b)| b - a),
@@ -757,11 +618,7 @@ pub async fn run(o: &LoadgenOptions) -> anyhow::Result<Report> {
 
 /// The `bizsignal loadgen` entry point.
 pub fn main(o: LoadgenOptions) -> std::process::ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the tokio runtime: {e}");
@@ -787,12 +644,7 @@ pub fn main(o: LoadgenOptions) -> std::process::ExitCode {
 /// One encoded request as the loadgen sends it (for benchmarks): `batch`
 /// records, `business_ratio` of them business. Returns the body and how many
 /// business records it holds.
-pub fn sample_request(
-    signal: Signal,
-    batch: usize,
-    business_ratio: f64,
-    seed: u64,
-) -> (Vec<u8>, u64) {
+pub fn sample_request(signal: Signal, batch: usize, business_ratio: f64, seed: u64) -> (Vec<u8>, u64) {
     let o = LoadgenOptions {
         endpoint: String::new(),
         protocol: Protocol::Grpc,

@@ -1,8 +1,8 @@
 //! The `bizsignal` command line.
 
 use anyhow::Context as _;
-use bizsignal::config::Config;
 use bizsignal::client::{self, exit};
+use bizsignal::config::Config;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -137,7 +137,8 @@ enum RunsCommand {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -157,7 +158,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Runs { command } => client_command(command),
         Command::Wait { process, run_id, since, timeout, interval, server } => {
-            let dur = |flag: &str, v: &str| bizsignal::config::parse_duration(v).map_err(|e| eprintln!("--{flag}: {e}"));
+            let dur =
+                |flag: &str, v: &str| bizsignal::config::parse_duration(v).map_err(|e| eprintln!("--{flag}: {e}"));
             let (Ok(timeout), Ok(interval)) = (dur("timeout", &timeout), dur("interval", &interval)) else {
                 return ExitCode::from(exit::USAGE);
             };
@@ -277,8 +279,12 @@ fn client_command(cmd: RunsCommand) -> ExitCode {
             let args = client::ListArgs { process, status, since, limit };
             with_client(&server, |c, json| async move { client::runs_list(&c, &args, json).await })
         }
-        RunsCommand::Show { process, run_id, server } => with_client(&server, |c, json| async move { client::runs_show(&c, &process, &run_id, json).await }),
-        RunsCommand::Watch { process, server } => with_client(&server, |c, json| async move { client::runs_watch(&c, process.as_deref(), json).await }),
+        RunsCommand::Show { process, run_id, server } => {
+            with_client(&server, |c, json| async move { client::runs_show(&c, &process, &run_id, json).await })
+        }
+        RunsCommand::Watch { process, server } => {
+            with_client(&server, |c, json| async move { client::runs_watch(&c, process.as_deref(), json).await })
+        }
     }
 }
 

@@ -27,37 +27,16 @@ use tokio_rustls::TlsAcceptor;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a rustls server config; errors name the config key at fault.
-pub fn load_tls(
-    cfg: &TlsConfig,
-    alpn: &[&[u8]],
-) -> Result<Arc<rustls::ServerConfig>, (&'static str, String)> {
+pub fn load_tls(cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, (&'static str, String)> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            (
-                "cert_file",
-                format!(
-                    "cannot read certificates from {}: {e}",
-                    cfg.cert_file.display()
-                ),
-            )
-        })?;
+        .map_err(|e| ("cert_file", format!("cannot read certificates from {}: {e}", cfg.cert_file.display())))?;
     if certs.is_empty() {
-        return Err((
-            "cert_file",
-            format!("{} holds no PEM certificate", cfg.cert_file.display()),
-        ));
+        return Err(("cert_file", format!("{} holds no PEM certificate", cfg.cert_file.display())));
     }
     // The error text names the file only: never the key material.
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|_| {
-        (
-            "key_file",
-            format!(
-                "cannot read a PEM private key from {}",
-                cfg.key_file.display()
-            ),
-        )
-    })?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .map_err(|_| ("key_file", format!("cannot read a PEM private key from {}", cfg.key_file.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -68,38 +47,22 @@ pub fn load_tls(
             let mut roots = rustls::RootCertStore::empty();
             let cas = CertificateDer::pem_file_iter(ca)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    (
-                        "client_ca_file",
-                        format!("cannot read certificates from {}: {e}", ca.display()),
-                    )
-                })?;
+                .map_err(|e| ("client_ca_file", format!("cannot read certificates from {}: {e}", ca.display())))?;
             if cas.is_empty() {
-                return Err((
-                    "client_ca_file",
-                    format!("{} holds no PEM certificate", ca.display()),
-                ));
+                return Err(("client_ca_file", format!("{} holds no PEM certificate", ca.display())));
             }
             for c in cas {
-                roots
-                    .add(c)
-                    .map_err(|e| ("client_ca_file", format!("{}: {e}", ca.display())))?;
+                roots.add(c).map_err(|e| ("client_ca_file", format!("{}: {e}", ca.display())))?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .map_err(|e| ("client_ca_file", e.to_string()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| ("client_ca_file", e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
-        (
-            "key_file",
-            format!("certificate and key do not form a usable pair: {e}"),
-        )
-    })?;
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| ("key_file", format!("certificate and key do not form a usable pair: {e}")))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
@@ -138,21 +101,13 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         delegate!(self, io => io.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         delegate!(self, io => io.poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -185,9 +140,7 @@ pub struct ConnInfo {
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = ConnInfo;
     fn connect_info(&self) -> ConnInfo {
-        ConnInfo {
-            remote: self.remote,
-        }
+        ConnInfo { remote: self.remote }
     }
 }
 
@@ -205,9 +158,7 @@ impl Acceptor {
         max_connections: usize,
         what: &'static str,
     ) -> Acceptor {
-        let local = listener
-            .local_addr()
-            .expect("bound listener has an address");
+        let local = listener.local_addr().expect("bound listener has an address");
         let (tx, rx) = mpsc::channel::<Conn>(16);
         let slots = Arc::new(Semaphore::new(max_connections));
         let tls = tls.map(TlsAcceptor::from);
@@ -232,32 +183,16 @@ impl Acceptor {
                 let _ = tcp.set_nodelay(true);
                 match &tls {
                     None => {
-                        if tx
-                            .send(Conn {
-                                io: Io::Plain(tcp),
-                                remote,
-                                _permit: permit,
-                            })
-                            .await
-                            .is_err()
-                        {
+                        if tx.send(Conn { io: Io::Plain(tcp), remote, _permit: permit }).await.is_err() {
                             return;
                         }
                     }
                     Some(acceptor) => {
                         let (acceptor, tx) = (acceptor.clone(), tx.clone());
                         tokio::spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                                .await
-                            {
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                                 Ok(Ok(s)) => {
-                                    let _ = tx
-                                        .send(Conn {
-                                            io: Io::Tls(Box::new(s)),
-                                            remote,
-                                            _permit: permit,
-                                        })
-                                        .await;
+                                    let _ = tx.send(Conn { io: Io::Tls(Box::new(s)), remote, _permit: permit }).await;
                                 }
                                 Ok(Err(e)) => {
                                     tracing::debug!(error = %e, %remote, port = what, "TLS handshake failed")
@@ -279,9 +214,7 @@ impl Acceptor {
     }
 
     /// The connections as a stream, for tonic.
-    pub fn into_stream(
-        self,
-    ) -> impl tokio_stream::Stream<Item = Result<Conn, io::Error>> + Send + 'static {
+    pub fn into_stream(self) -> impl tokio_stream::Stream<Item = Result<Conn, io::Error>> + Send + 'static {
         use tokio_stream::StreamExt;
         tokio_stream::wrappers::ReceiverStream::new(self.rx).map(Ok)
     }

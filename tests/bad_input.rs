@@ -3,15 +3,25 @@
 mod common;
 use common::*;
 use flate2::write::GzEncoder;
-use opentelemetry_proto::tonic::collector::logs::v1::{logs_service_client::LogsServiceClient, ExportLogsServiceRequest};
-use opentelemetry_proto::tonic::collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    logs_service_client::LogsServiceClient, ExportLogsServiceRequest,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    trace_service_client::TraceServiceClient, ExportTraceServiceRequest,
+};
 use prost::Message;
 use std::io::Write;
 use std::time::Duration;
 
 const T0: u64 = 1_795_240_800_000_000_000;
 
-async fn post(srv: &Server, path: &str, ct: &str, enc: Option<&str>, body: Vec<u8>) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+async fn post(
+    srv: &Server,
+    path: &str,
+    ct: &str,
+    enc: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
     let mut req = srv.http.post(srv.otlp_http(path)).header("content-type", ct).body(body);
     if let Some(e) = enc {
         req = req.header("content-encoding", e);
@@ -21,7 +31,8 @@ async fn post(srv: &Server, path: &str, ct: &str, enc: Option<&str>, body: Vec<u
 }
 
 fn json_msg(body: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|_| panic!("json error body: {:?}", String::from_utf8_lossy(body)));
+    let v: serde_json::Value =
+        serde_json::from_slice(body).unwrap_or_else(|_| panic!("json error body: {:?}", String::from_utf8_lossy(body)));
     v["message"].as_str().unwrap().to_string()
 }
 
@@ -33,7 +44,14 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// One valid business record still goes through afterwards.
 async fn still_serving(srv: &Server, run: &str) {
-    let body = logs_json("svc", &[(T0, "ok", vec![("business.process.name", s("health")), ("business.run.id", s(run)), ("business.records.ok", n(1))])]);
+    let body = logs_json(
+        "svc",
+        &[(
+            T0,
+            "ok",
+            vec![("business.process.name", s("health")), ("business.run.id", s(run)), ("business.records.ok", n(1))],
+        )],
+    );
     assert_eq!(srv.post_json("/v1/logs", &body).await.0, 200);
     assert_eq!(srv.run("health", run).await.expect("stored")["counts"]["ok"], 1);
 }
@@ -47,7 +65,8 @@ async fn http_refusals_have_exact_statuses_and_messages() {
     .await;
 
     // Malformed protobuf → 400 with a google.rpc.Status protobuf body.
-    let (st, h, body) = post(&srv, "/v1/traces", "application/x-protobuf", None, vec![0x0a, 0xff, 0xff, 0xff, 0x0f, 1, 2]).await;
+    let (st, h, body) =
+        post(&srv, "/v1/traces", "application/x-protobuf", None, vec![0x0a, 0xff, 0xff, 0xff, 0x0f, 1, 2]).await;
     assert_eq!(st, 400);
     assert_eq!(h["content-type"], "application/x-protobuf");
     let status = tonic_types::Status::decode(body.as_slice()).unwrap();
@@ -60,7 +79,10 @@ async fn http_refusals_have_exact_statuses_and_messages() {
         (b"{\"resourceSpans\": [".to_vec(), "not valid JSON"),
         (b"{\"resourceSpans\": {\"oops\": 1}}".to_vec(), "not a valid OTLP/JSON"),
         (vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'], "not valid JSON"),
-        (br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"zz-not-hex","spanId":"00"}]}]}]}"#.to_vec(), "not a valid OTLP/JSON"),
+        (
+            br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"zz-not-hex","spanId":"00"}]}]}]}"#.to_vec(),
+            "not a valid OTLP/JSON",
+        ),
     ] {
         let (st, _, body) = post(&srv, "/v1/traces", "application/json", None, bad).await;
         assert_eq!(st, 400);
@@ -90,13 +112,21 @@ async fn http_refusals_have_exact_statuses_and_messages() {
     assert!(json_msg(&body).contains("inflates to more than the limit of 1048576 bytes"));
 
     // Corrupt gzip → 400.
-    let (st, _, body) = post(&srv, "/v1/logs", "application/json", Some("gzip"), b"\x1f\x8b\x08\x00garbage".to_vec()).await;
+    let (st, _, body) =
+        post(&srv, "/v1/logs", "application/json", Some("gzip"), b"\x1f\x8b\x08\x00garbage".to_vec()).await;
     assert_eq!(st, 400);
     assert!(json_msg(&body).contains("not valid gzip"));
     still_serving(&srv, "c").await;
 
     // Gzip that is fine is accepted.
-    let ok = logs_json("svc", &[(T0, "ok", vec![("business.process.name", s("health")), ("business.run.id", s("gz")), ("business.records.ok", n(2))])]);
+    let ok = logs_json(
+        "svc",
+        &[(
+            T0,
+            "ok",
+            vec![("business.process.name", s("health")), ("business.run.id", s("gz")), ("business.records.ok", n(2))],
+        )],
+    );
     let (st, _, _) = post(&srv, "/v1/logs", "application/json", Some("gzip"), gzip(ok.as_bytes())).await;
     assert_eq!(st, 200);
     assert_eq!(srv.run("health", "gz").await.unwrap()["counts"]["ok"], 2);
@@ -109,7 +139,9 @@ async fn http_refusals_have_exact_statuses_and_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_records_are_rejected_individually_with_partial_success() {
     let srv = Server::start().await;
-    let good = |run: &str| vec![("business.process.name", s("p")), ("business.run.id", s(run)), ("business.records.imported", n(5))];
+    let good = |run: &str| {
+        vec![("business.process.name", s("p")), ("business.run.id", s(run)), ("business.records.imported", n(5))]
+    };
     let mut neg = good("r");
     neg[2] = ("business.records.imported", n(-3));
     let mut absurd = good("r");
@@ -122,14 +154,28 @@ async fn invalid_records_are_rejected_individually_with_partial_success() {
     bad_status.push(("business.run.status", s("exploded")));
     let body = logs_json(
         "svc",
-        &[(T0, "1", good("r")), (T0 + 1, "2", neg), (T0 + 2, "3", absurd), (T0 + 3, "4", nan), (T0 + 4, "5", bad_json), (T0 + 5, "6", bad_status), (T0 + 6, "7", good("r"))],
+        &[
+            (T0, "1", good("r")),
+            (T0 + 1, "2", neg),
+            (T0 + 2, "3", absurd),
+            (T0 + 3, "4", nan),
+            (T0 + 4, "5", bad_json),
+            (T0 + 5, "6", bad_status),
+            (T0 + 6, "7", good("r")),
+        ],
     );
     let (st, resp) = srv.post_json("/v1/logs", &body).await;
     assert_eq!(st, 200);
     let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
     assert_eq!(v["partialSuccess"]["rejectedLogRecords"], "5");
     let msg = v["partialSuccess"]["errorMessage"].as_str().unwrap();
-    for want in ["must not be negative", "finite number", "at most 1e15, got NaN", "not valid JSON", "must be started, succeeded or failed"] {
+    for want in [
+        "must not be negative",
+        "finite number",
+        "at most 1e15, got NaN",
+        "not valid JSON",
+        "must be started, succeeded or failed",
+    ] {
         assert!(msg.contains(want), "{want} missing from {msg}");
     }
     assert_eq!(srv.run("p", "r").await.unwrap()["counts"]["imported"], 10, "the two good records are kept");
@@ -138,7 +184,8 @@ async fn invalid_records_are_rejected_individually_with_partial_success() {
     let req: ExportLogsServiceRequest = bizsignal::receivers::http::decode_json(body.as_bytes()).unwrap();
     let (st, _, resp) = post(&srv, "/v1/logs", "application/x-protobuf", None, req.encode_to_vec()).await;
     assert_eq!(st, 200);
-    let resp = opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse::decode(resp.as_slice()).unwrap();
+    let resp =
+        opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse::decode(resp.as_slice()).unwrap();
     assert_eq!(resp.partial_success.unwrap().rejected_log_records, 5);
 
     // A span with an invalid trace id length and no run id is rejected with a reason.
@@ -158,11 +205,16 @@ async fn invalid_records_are_rejected_individually_with_partial_success() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_partial_success_gzip_and_size_limit() {
     let srv = Server::start_with(|c| c.limits.max_decompressed_bytes = 1 << 20).await;
-    let mut client = LogsServiceClient::connect(srv.grpc_endpoint()).await.unwrap().send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let mut client = LogsServiceClient::connect(srv.grpc_endpoint())
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
     let mut neg = vec![("business.process.name", s("g")), ("business.run.id", s("r")), ("business.records.x", n(-1))];
     let good = vec![("business.process.name", s("g")), ("business.run.id", s("r")), ("business.records.x", n(4))];
     neg.push(("business.note", s("bad one")));
-    let req: ExportLogsServiceRequest = bizsignal::receivers::http::decode_json(logs_json("svc", &[(T0, "a", good), (T0 + 1, "b", neg)]).as_bytes()).unwrap();
+    let req: ExportLogsServiceRequest =
+        bizsignal::receivers::http::decode_json(logs_json("svc", &[(T0, "a", good), (T0 + 1, "b", neg)]).as_bytes())
+            .unwrap();
     let resp = client.export(req).await.unwrap().into_inner();
     let ps = resp.partial_success.unwrap();
     assert_eq!(ps.rejected_log_records, 1);
@@ -170,9 +222,13 @@ async fn grpc_partial_success_gzip_and_size_limit() {
     assert_eq!(srv.run("g", "r").await.unwrap()["counts"]["x"], 4);
 
     // Over the decompressed limit (a compressible 2 MiB message) → refused, server fine.
-    let mut big: ExportTraceServiceRequest = bizsignal::receivers::http::decode_json(fixture("http-noise-trace.json").as_bytes()).unwrap();
+    let mut big: ExportTraceServiceRequest =
+        bizsignal::receivers::http::decode_json(fixture("http-noise-trace.json").as_bytes()).unwrap();
     big.resource_spans[0].scope_spans[0].spans[0].name = "x".repeat(2 << 20);
-    let mut tc = TraceServiceClient::connect(srv.grpc_endpoint()).await.unwrap().send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let mut tc = TraceServiceClient::connect(srv.grpc_endpoint())
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
     let err = tc.export(big).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("limit"), "{err:?}");
@@ -194,7 +250,10 @@ async fn grpc_undecodable_message_is_invalid_argument() {
     let channel = tonic::transport::Endpoint::from_shared(srv.grpc_endpoint()).unwrap().connect().await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let codec = tonic_prost::ProstCodec::<Garbage, opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>::default();
+    let codec = tonic_prost::ProstCodec::<
+        Garbage,
+        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+    >::default();
     let path = http::uri::PathAndQuery::from_static("/opentelemetry.proto.collector.trace.v1.TraceService/Export");
     // Field 1 (resource_spans) holding bytes that are not a ResourceSpans message.
     let err = grpc.unary(tonic::Request::new(Garbage { data: vec![0xff; 12] }), path, codec).await.unwrap_err();
@@ -218,11 +277,22 @@ async fn full_pipeline_answers_retryable_statuses_and_keeps_acknowledged_data() 
     // the one-slot queue fills, and further requests must be refused.
     let lock = rusqlite::Connection::open(srv.db_path()).unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let body = |i: usize| logs_json("svc", &[(T0 + i as u64, "x", vec![("business.process.name", s("busy")), ("business.run.id", s("r")), ("business.records.n", n(1))])]);
+    let body = |i: usize| {
+        logs_json(
+            "svc",
+            &[(
+                T0 + i as u64,
+                "x",
+                vec![("business.process.name", s("busy")), ("business.run.id", s("r")), ("business.records.n", n(1))],
+            )],
+        )
+    };
     let mut pending = Vec::new();
     for i in 0..2 {
         let (client, url, b) = (srv.http.clone(), srv.otlp_http("/v1/logs"), body(i));
-        pending.push(tokio::spawn(async move { client.post(url).header("content-type", "application/json").body(b).send().await.unwrap().status().as_u16() }));
+        pending.push(tokio::spawn(async move {
+            client.post(url).header("content-type", "application/json").body(b).send().await.unwrap().status().as_u16()
+        }));
         // Wait until the request is inside the pipeline (queue depth or tracker busy).
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while srv.app().metrics.logs_received.load(std::sync::atomic::Ordering::Relaxed) < (i + 1) as u64 {
@@ -233,7 +303,14 @@ async fn full_pipeline_answers_retryable_statuses_and_keeps_acknowledged_data() 
     // Now the queue is full: HTTP says 429 with Retry-After.
     let mut refused = None;
     for _ in 0..200 {
-        let r = srv.http.post(srv.otlp_http("/v1/logs")).header("content-type", "application/json").body(body(99)).send().await.unwrap();
+        let r = srv
+            .http
+            .post(srv.otlp_http("/v1/logs"))
+            .header("content-type", "application/json")
+            .body(body(99))
+            .send()
+            .await
+            .unwrap();
         if r.status().as_u16() == 429 {
             refused = Some(r);
             break;

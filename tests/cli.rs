@@ -102,7 +102,11 @@ fn serve_then_demo_shows_runs_within_two_seconds_and_sigterm_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = common::serve::ServeProcess::spawn(dir.path(), None);
     let (grpc, http) = (server.otlp_grpc.clone(), server.http.clone());
-    let demo = Command::new(BIN).args(["demo", "--pace", "10ms", "--run-suffix", "t1", "--endpoint"]).arg(format!("http://{grpc}")).output().unwrap();
+    let demo = Command::new(BIN)
+        .args(["demo", "--pace", "10ms", "--run-suffix", "t1", "--endpoint"])
+        .arg(format!("http://{grpc}"))
+        .output()
+        .unwrap();
     assert!(demo.status.success(), "{}", String::from_utf8_lossy(&demo.stderr));
     let sent = Instant::now();
     let client = reqwest::blocking_get_json(&format!("http://{http}/api/v1/runs"));

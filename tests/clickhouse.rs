@@ -28,10 +28,7 @@ fn signal(id: u128, run: &str, t: i64, ok: f64) -> Signal {
         service: "importer".into(),
         attributes: vec![],
         resource: vec![],
-        facts: vec![Fact::Records {
-            outcome: "ok".into(),
-            count: ok,
-        }],
+        facts: vec![Fact::Records { outcome: "ok".into(), count: ok }],
     }
 }
 
@@ -50,18 +47,11 @@ fn open(
     cfg: &bizsignal::config::ClickHouseConfig,
     dir: &std::path::Path,
 ) -> ClickHouseStore {
-    rt.block_on(ClickHouseStore::open(
-        cfg,
-        dir,
-        Arc::new(Default::default()),
-    ))
-    .unwrap()
+    rt.block_on(ClickHouseStore::open(cfg, dir, Arc::new(Default::default()))).unwrap()
 }
 
 fn tsv(rt: &tokio::runtime::Runtime, ch: &ChServer, db: &str, sql: &str) -> String {
-    rt.block_on(ch.tsv(&sql.replace("{db}", db)))
-        .trim()
-        .to_string()
+    rt.block_on(ch.tsv(&sql.replace("{db}", db))).trim().to_string()
 }
 
 #[test]
@@ -73,17 +63,8 @@ fn migrations_from_empty_rerun_and_concurrent() {
     let (a, b) = rt.block_on(async { tokio::join!(ch::migrate(&cfg), ch::migrate(&cfg)) });
     let applied = [a.unwrap(), b.unwrap()];
     assert!(applied.iter().any(|v| v == &vec![1]), "{applied:?}");
-    assert_eq!(
-        rt.block_on(ch::migrate(&cfg)).unwrap(),
-        Vec::<u32>::new(),
-        "re-run is a no-op"
-    );
-    let tables = tsv(
-        &rt,
-        &ch,
-        &db,
-        "SELECT name FROM system.tables WHERE database = '{db}' ORDER BY name",
-    );
+    assert_eq!(rt.block_on(ch::migrate(&cfg)).unwrap(), Vec::<u32>::new(), "re-run is a no-op");
+    let tables = tsv(&rt, &ch, &db, "SELECT name FROM system.tables WHERE database = '{db}' ORDER BY name");
     for t in [
         "business_events",
         "process_runs",
@@ -97,22 +78,9 @@ fn migrations_from_empty_rerun_and_concurrent() {
     ] {
         assert!(tables.lines().any(|l| l == t), "{t} missing: {tables}");
     }
-    assert_eq!(
-        tsv(
-            &rt,
-            &ch,
-            &db,
-            "SELECT DISTINCT version FROM {db}.schema_migrations"
-        ),
-        "1"
-    );
+    assert_eq!(tsv(&rt, &ch, &db, "SELECT DISTINCT version FROM {db}.schema_migrations"), "1");
     // A newer schema than the binary knows is refused with a clear error.
-    tsv(
-        &rt,
-        &ch,
-        &db,
-        "INSERT INTO {db}.schema_migrations (version, name) VALUES (99, 'future')",
-    );
+    tsv(&rt, &ch, &db, "INSERT INTO {db}.schema_migrations (version, name) VALUES (99, 'future')");
     let e = rt.block_on(ch::migrate(&cfg)).unwrap_err().to_string();
     assert!(e.contains("newer than this bizsignal knows"), "{e}");
 }
@@ -123,30 +91,23 @@ fn schema_mismatch_is_a_clear_error() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = unique_db("mis");
     tsv(&rt, &ch, &db, "CREATE DATABASE {db}");
-    tsv(&rt, &ch, &db, "CREATE TABLE {db}.business_events (event_id UInt64, time DateTime) ENGINE = MergeTree ORDER BY event_id");
-    let e = rt
-        .block_on(ch::migrate(&ch.config(&db)))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("does not match") && e.contains("event_id is UInt64"),
-        "{e}"
+    tsv(
+        &rt,
+        &ch,
+        &db,
+        "CREATE TABLE {db}.business_events (event_id UInt64, time DateTime) ENGINE = MergeTree ORDER BY event_id",
     );
+    let e = rt.block_on(ch::migrate(&ch.config(&db))).unwrap_err().to_string();
+    assert!(e.contains("does not match") && e.contains("event_id is UInt64"), "{e}");
 }
 
 #[test]
 fn bad_password_and_unreachable_url_name_the_url_not_the_password() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut cfg = bizsignal::config::ClickHouseConfig {
-        url: "http://127.0.0.1:9".into(),
-        ..Default::default()
-    };
+    let mut cfg = bizsignal::config::ClickHouseConfig { url: "http://127.0.0.1:9".into(), ..Default::default() };
     cfg.password = Some("s3cret-pw".into());
     let e = rt.block_on(ch::migrate(&cfg)).unwrap_err().to_string();
-    assert!(
-        e.contains("http://127.0.0.1:9") && !e.contains("s3cret-pw") && !e.contains('\n'),
-        "{e}"
-    );
+    assert!(e.contains("http://127.0.0.1:9") && !e.contains("s3cret-pw") && !e.contains('\n'), "{e}");
     let ch = ChServer::start();
     if ch.is_local() {
         // The front checks passwords only when started with one: a wrong user is refused by a real server too.
@@ -155,10 +116,7 @@ fn bad_password_and_unreachable_url_name_the_url_not_the_password() {
         cfg.password = Some("s3cret-pw".into());
         if let Err(e) = rt.block_on(ch::migrate(&cfg)) {
             let e = e.to_string();
-            assert!(
-                e.contains(&ch.url) && !e.contains("s3cret-pw") && !e.contains('\n'),
-                "{e}"
-            );
+            assert!(e.contains(&ch.url) && !e.contains("s3cret-pw") && !e.contains('\n'), "{e}");
         }
     }
 }
@@ -171,24 +129,14 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
     let cfg = ch.config(&db);
     let dir = tempfile::tempdir().unwrap();
     let t = bizsignal::now_ns();
-    let mut run = ProcessRun::new(
-        &RunKey {
-            process: "import".into(),
-            run_id: "r1".into(),
-        },
-        t,
-    );
-    let b = batch(
-        &mut run,
-        &[signal(1, "r1", t, 10.0), signal(3, "r1", t + 1, 5.0)],
-    );
+    let mut run = ProcessRun::new(&RunKey { process: "import".into(), run_id: "r1".into() }, t);
+    let b = batch(&mut run, &[signal(1, "r1", t, 10.0), signal(3, "r1", t + 1, 5.0)]);
     // Spool the batch with a writer that cannot reach ClickHouse, and keep a copy of the spool.
     let store = open(&rt, &cfg, dir.path());
     drop(store);
     let spool_dir = dir.path().join("clickhouse-spool");
     {
-        let spool =
-            bizsignal::storage::clickhouse::spool::Spool::open(&spool_dir, 1 << 30).unwrap();
+        let spool = bizsignal::storage::clickhouse::spool::Spool::open(&spool_dir, 1 << 30).unwrap();
         let rec = serde_json::json!({"written_ns": t, "events": b.events, "runs": b.runs, "merges": [], "aliases": [], "process_violations": []});
         spool.append(&serde_json::to_vec(&rec).unwrap()).unwrap();
     }
@@ -198,12 +146,7 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
         std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
     }
     let counts = |rt: &tokio::runtime::Runtime| {
-        tsv(
-            rt,
-            &ch,
-            &db,
-            "SELECT sumMap(counts), sum(signal_count) FROM {db}.process_runs WHERE run_id = 'r1'",
-        )
+        tsv(rt, &ch, &db, "SELECT sumMap(counts), sum(signal_count) FROM {db}.process_runs WHERE run_id = 'r1'")
     };
     let store = open(&rt, &cfg, dir.path());
     store.flush(Duration::from_secs(30)).unwrap();
@@ -221,26 +164,16 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
     let store = open(&rt, &cfg, dir.path());
     assert_eq!(store.spool_len(), 1);
     store.flush(Duration::from_secs(30)).unwrap();
-    assert_eq!(
-        counts(&rt),
-        first,
-        "process_runs unchanged after the replay"
-    );
-    assert_eq!(
-        tsv(&rt, &ch, &db, "SELECT count() FROM {db}.business_events"),
-        "4"
-    );
+    assert_eq!(counts(&rt), first, "process_runs unchanged after the replay");
+    assert_eq!(tsv(&rt, &ch, &db, "SELECT count() FROM {db}.business_events"), "4");
 
     // The same block inserted twice with the same token, bypassing the writer's event-id check.
     let client = clickhouse::Client::default()
         .with_url(ch.url.clone())
         .with_database(db.clone())
         .with_compression(clickhouse::Compression::Lz4);
-    let rows: Vec<ch::schema::EventRow> = batch(&mut run, &[signal(5, "r1", t + 2, 7.0)])
-        .events
-        .iter()
-        .map(ch::schema::EventRow::from_event)
-        .collect();
+    let rows: Vec<ch::schema::EventRow> =
+        batch(&mut run, &[signal(5, "r1", t + 2, 7.0)]).events.iter().map(ch::schema::EventRow::from_event).collect();
     for _ in 0..2 {
         rt.block_on(async {
             let mut ins = client
@@ -254,15 +187,8 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
             ins.end().await.unwrap();
         });
     }
-    assert_eq!(
-        counts(&rt),
-        "{'ok':22}\t3",
-        "the repeated block was dropped"
-    );
-    assert_eq!(
-        store.get_run(&run.key()).unwrap().unwrap().counts.get("ok"),
-        Some(&22.0)
-    );
+    assert_eq!(counts(&rt), "{'ok':22}\t3", "the repeated block was dropped");
+    assert_eq!(store.get_run(&run.key()).unwrap().unwrap().counts.get("ok"), Some(&22.0));
 }
 
 #[test]
@@ -274,25 +200,12 @@ fn two_instances_writing_one_run_converge() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = (open(&rt, &cfg, d1.path()), open(&rt, &cfg, d2.path()));
     let t = bizsignal::now_ns();
-    let key = RunKey {
-        process: "import".into(),
-        run_id: "shared".into(),
-    };
+    let key = RunKey { process: "import".into(), run_id: "shared".into() };
     // Each instance sees part of the run's signals.
     let (mut ra, mut rb) = (ProcessRun::new(&key, t), ProcessRun::new(&key, t));
-    a.write(&batch(
-        &mut ra,
-        &[
-            signal(11, "shared", t, 10.0),
-            signal(13, "shared", t + 10, 1.0),
-        ],
-    ))
-    .unwrap();
+    a.write(&batch(&mut ra, &[signal(11, "shared", t, 10.0), signal(13, "shared", t + 10, 1.0)])).unwrap();
     let mut end = signal(15, "shared", t + 20, 4.0);
-    end.facts.push(Fact::Status {
-        status: bizsignal::signal::LifecycleStatus::Succeeded,
-        error: None,
-    });
+    end.facts.push(Fact::Status { status: bizsignal::signal::LifecycleStatus::Succeeded, error: None });
     b.write(&batch(&mut rb, &[end])).unwrap();
     a.flush(Duration::from_secs(30)).unwrap();
     b.flush(Duration::from_secs(30)).unwrap();
@@ -300,10 +213,7 @@ fn two_instances_writing_one_run_converge() {
     assert_eq!(rows, "shared\t{'ok':15}\t3\tsucceeded", "one converged row");
     for s in [&a, &b] {
         let r = s.get_run(&key).unwrap().unwrap();
-        assert_eq!(
-            (r.counts.get("ok"), r.signal_count, r.status.as_str()),
-            (Some(&15.0), 3, "succeeded")
-        );
+        assert_eq!((r.counts.get("ok"), r.signal_count, r.status.as_str()), (Some(&15.0), 3, "succeeded"));
     }
 }
 
@@ -338,65 +248,32 @@ async fn server_on_clickhouse_rides_out_an_outage() {
     };
     let (st, body) = srv.post_json("/v1/logs", &send("before", 5)).await;
     assert_eq!(st, 200, "{body}");
-    let v = srv
-        .wait_run("import", "before", Duration::from_secs(30), |v| {
-            v["counts"]["ok"] == 5.0
-        })
-        .await;
+    let v = srv.wait_run("import", "before", Duration::from_secs(30), |v| v["counts"]["ok"] == 5.0).await;
     assert_eq!(v["status"], "running", "{v}");
     if !chs.is_local() {
         srv.stop().await;
         return;
     }
     // Outage: intake continues into the spool.
-    let spool_records = || {
-        srv.app()
-            .metrics
-            .clickhouse
-            .spool_records
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let spool_records = || srv.app().metrics.clickhouse.spool_records.load(std::sync::atomic::Ordering::Relaxed);
     tokio::task::block_in_place(|| chs.stop());
     for i in 0..10 {
         let (st, body) = srv.post_json("/v1/logs", &send("during", i + 1)).await;
         assert_eq!(st, 200, "request {i} during the outage: {body}");
     }
     assert!(spool_records() >= 10, "spool grows: {}", spool_records());
-    let (_, metrics) = (
-        0,
-        srv.http
-            .get(srv.api("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
-    assert!(
-        metrics.contains("bizsignal_clickhouse_spool_oldest_age_seconds"),
-        "{metrics}"
-    );
+    let (_, metrics) = (0, srv.http.get(srv.api("/metrics")).send().await.unwrap().text().await.unwrap());
+    assert!(metrics.contains("bizsignal_clickhouse_spool_oldest_age_seconds"), "{metrics}");
     tokio::task::block_in_place(|| chs.restart());
     let deadline = Instant::now() + Duration::from_secs(60);
     while spool_records() > 0 {
         assert!(Instant::now() < deadline, "spool did not drain");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let v = srv
-        .wait_run("import", "during", Duration::from_secs(30), |v| {
-            v["counts"]["ok"] == 55.0
-        })
-        .await;
+    let v = srv.wait_run("import", "during", Duration::from_secs(30), |v| v["counts"]["ok"] == 55.0).await;
     assert_eq!(v["signal_count"], 10, "{v}");
-    let q = format!(
-        "SELECT count(), uniqExact(event_id) FROM {db}.business_events WHERE run_id = 'during'"
-    );
-    assert_eq!(
-        chs.tsv(&q).await.trim(),
-        "20\t20",
-        "every signal exactly once"
-    );
+    let q = format!("SELECT count(), uniqExact(event_id) FROM {db}.business_events WHERE run_id = 'during'");
+    assert_eq!(chs.tsv(&q).await.trim(), "20\t20", "every signal exactly once");
     srv.stop().await;
 }
 
@@ -410,40 +287,22 @@ fn docs_example_queries_run() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&rt, &cfg, dir.path());
     let t = bizsignal::now_ns();
-    let mut run = ProcessRun::new(
-        &RunKey {
-            process: "import".into(),
-            run_id: "r1".into(),
-        },
-        t,
-    );
+    let mut run = ProcessRun::new(&RunKey { process: "import".into(), run_id: "r1".into() }, t);
     let mut skipped = signal(21, "r1", t, 3.0);
-    skipped.facts.push(Fact::Records {
-        outcome: "skipped".into(),
-        count: 2.0,
-    });
+    skipped.facts.push(Fact::Records { outcome: "skipped".into(), count: 2.0 });
     skipped.facts.push(Fact::ProgressDone(5.0));
     skipped.facts.push(Fact::ProgressTotal(10.0));
     store.write(&batch(&mut run, &[skipped])).unwrap();
     store.flush(Duration::from_secs(30)).unwrap();
-    let doc = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/storage.md"),
-    )
-    .unwrap();
-    let queries: Vec<&str> = doc
-        .split("```sql\n")
-        .skip(1)
-        .map(|b| b.split("```").next().unwrap())
-        .collect();
+    let doc =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/storage.md")).unwrap();
+    let queries: Vec<&str> = doc.split("```sql\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
     assert_eq!(queries.len(), 10, "ten example queries");
     let client = reqwest::Client::new();
     let run_q = |q: &str| {
         rt.block_on(async {
             let r = client
-                .post(format!(
-                    "{}/?database={db}&default_format=TabSeparated",
-                    ch.url
-                ))
+                .post(format!("{}/?database={db}&default_format=TabSeparated", ch.url))
                 .body(q.to_string())
                 .send()
                 .await

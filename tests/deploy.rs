@@ -44,10 +44,7 @@ fn yaml(p: &str) -> Yaml {
 fn yaml_docs(p: &str) -> Vec<Yaml> {
     let text = read(p);
     serde_norway::Deserializer::from_str(&text)
-        .map(|d| {
-            serde::Deserialize::deserialize(d)
-                .unwrap_or_else(|e| panic!("deploy/{p} is not valid YAML: {e}"))
-        })
+        .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("deploy/{p} is not valid YAML: {e}")))
         .filter(|v: &Yaml| !v.is_null())
         .collect()
 }
@@ -56,9 +53,9 @@ fn get<'a>(v: &'a Yaml, path: &str) -> &'a Yaml {
     let mut cur = v;
     for k in path.split('.') {
         cur = match cur {
-            Yaml::Mapping(m) => m
-                .get(Yaml::String(k.to_string()))
-                .unwrap_or_else(|| panic!("missing key {k:?} (of {path:?}) in {v:?}")),
+            Yaml::Mapping(m) => {
+                m.get(Yaml::String(k.to_string())).unwrap_or_else(|| panic!("missing key {k:?} (of {path:?}) in {v:?}"))
+            }
             Yaml::Sequence(s) => &s[k.parse::<usize>().unwrap()],
             _ => panic!("{path}: {k:?} not found in {cur:?}"),
         };
@@ -67,9 +64,7 @@ fn get<'a>(v: &'a Yaml, path: &str) -> &'a Yaml {
 }
 
 fn str_of<'a>(v: &'a Yaml, path: &str) -> &'a str {
-    get(v, path)
-        .as_str()
-        .unwrap_or_else(|| panic!("{path} is not a string"))
+    get(v, path).as_str().unwrap_or_else(|| panic!("{path} is not a string"))
 }
 
 fn strings(v: &Yaml) -> Vec<String> {
@@ -87,9 +82,7 @@ fn strings(v: &Yaml) -> Vec<String> {
 }
 
 fn keys(v: &Yaml) -> BTreeSet<String> {
-    v.as_mapping()
-        .map(|m| m.keys().map(|k| k.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
+    v.as_mapping().map(|m| m.keys().map(|k| k.as_str().unwrap().to_string()).collect()).unwrap_or_default()
 }
 
 fn dashboard(name: &str) -> Json {
@@ -124,18 +117,14 @@ fn dashboard_sql(d: &Json) -> Vec<(String, String)> {
         .into_iter()
         .filter(|(_, t)| t["datasource"]["type"] == CH_TYPE)
         .map(|(title, t)| {
-            let sql = t["rawSql"]
-                .as_str()
-                .unwrap_or_else(|| panic!("panel {title:?}: ClickHouse target without rawSql"));
+            let sql =
+                t["rawSql"].as_str().unwrap_or_else(|| panic!("panel {title:?}: ClickHouse target without rawSql"));
             (title, sql.to_string())
         })
         .collect();
     for var in d["templating"]["list"].as_array().into_iter().flatten() {
         if var["datasource"]["type"] == CH_TYPE {
-            v.push((
-                format!("variable {}", var["name"]),
-                var["query"].as_str().expect("variable query").to_string(),
-            ));
+            v.push((format!("variable {}", var["name"]), var["query"].as_str().expect("variable query").to_string()));
         }
     }
     v
@@ -147,9 +136,7 @@ fn dashboard_promql(d: &Json) -> Vec<(String, String)> {
         .into_iter()
         .filter(|(_, t)| t["datasource"]["type"] == "prometheus")
         .map(|(title, t)| {
-            let e = t["expr"]
-                .as_str()
-                .unwrap_or_else(|| panic!("panel {title:?}: Prometheus target without expr"));
+            let e = t["expr"].as_str().unwrap_or_else(|| panic!("panel {title:?}: Prometheus target without expr"));
             (title, e.to_string())
         })
         .collect()
@@ -168,10 +155,7 @@ fn substitute_sql(sql: &str, from: i64, to: i64, process: &str) -> String {
         .into_owned();
     q = interval
         .replace_all(&q, |c: &regex::Captures| {
-            format!(
-                "toStartOfInterval(toDateTime({}), INTERVAL 60 second)",
-                c[1].trim()
-            )
+            format!("toStartOfInterval(toDateTime({}), INTERVAL 60 second)", c[1].trim())
         })
         .into_owned();
     q = q
@@ -179,10 +163,7 @@ fn substitute_sql(sql: &str, from: i64, to: i64, process: &str) -> String {
         .replace("$__toTime", &format!("toDateTime({to})"))
         .replace("${process}", process)
         .replace("$process", process);
-    assert!(
-        !q.contains('$'),
-        "unsubstituted macro or variable left in:\n{q}"
-    );
+    assert!(!q.contains('$'), "unsubstituted macro or variable left in:\n{q}");
     q
 }
 
@@ -201,17 +182,14 @@ fn substitute_promql(e: &str) -> String {
 /// Metric names a PromQL expression selects.
 fn metric_names(expr: &str) -> BTreeSet<String> {
     let strip = [
-        r#""(?:[^"\\]|\\.)*""#, // string literals
-        r"\{[^}]*\}",           // label matchers
-        r"\[[^\]]*\]",          // ranges
+        r#""(?:[^"\\]|\\.)*""#,                                             // string literals
+        r"\{[^}]*\}",                                                       // label matchers
+        r"\[[^\]]*\]",                                                      // ranges
         r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", // label lists
     ];
     let mut e = expr.to_string();
     for r in strip {
-        e = regex::Regex::new(r)
-            .unwrap()
-            .replace_all(&e, " ")
-            .into_owned();
+        e = regex::Regex::new(r).unwrap().replace_all(&e, " ").into_owned();
     }
     let ident = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
     let keywords = [
@@ -244,10 +222,7 @@ fn alert_exprs() -> Vec<(String, String)> {
     let mut v = Vec::new();
     for g in get(&y, "groups").as_sequence().unwrap() {
         for r in get(g, "rules").as_sequence().unwrap() {
-            v.push((
-                str_of(r, "alert").to_string(),
-                str_of(r, "expr").to_string(),
-            ));
+            v.push((str_of(r, "alert").to_string(), str_of(r, "expr").to_string()));
         }
     }
     assert!(!v.is_empty());
@@ -257,16 +232,11 @@ fn alert_exprs() -> Vec<(String, String)> {
 // ---------------------------------------------------------------- promtool
 
 fn promtool() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("promtool"))
-            .find(|p| p.is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("promtool")).find(|p| p.is_file()));
     if found.is_none() {
         if std::env::var_os("BIZSIGNAL_SKIP_PROMTOOL").is_some() {
-            eprintln!(
-                "promtool not found; BIZSIGNAL_SKIP_PROMTOOL is set, so PromQL is NOT validated"
-            );
+            eprintln!("promtool not found; BIZSIGNAL_SKIP_PROMTOOL is set, so PromQL is NOT validated");
             return None;
         }
         panic!(
@@ -279,19 +249,8 @@ fn promtool() -> Option<PathBuf> {
 }
 
 fn check_rules(promtool: &Path, file: &Path) -> (bool, String) {
-    let out = Command::new(promtool)
-        .args(["check", "rules"])
-        .arg(file)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let out = Command::new(promtool).args(["check", "rules"]).arg(file).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// A rules file with one recording rule per expression, so promtool parses each.
@@ -318,47 +277,28 @@ fn recording_rules(exprs: &[(String, String)]) -> String {
 fn promql_of_rules_and_dashboards_parses() {
     let Some(promtool) = promtool() else { return };
     let (ok, out) = check_rules(&promtool, &deploy("prometheus/alerts.yml"));
-    assert!(
-        ok,
-        "promtool check rules deploy/prometheus/alerts.yml:\n{out}"
-    );
+    assert!(ok, "promtool check rules deploy/prometheus/alerts.yml:\n{out}");
     let n_alerts = alert_exprs().len();
     assert!(out.contains(&format!("{n_alerts} rules found")), "{out}");
 
     let mut exprs = Vec::new();
     for d in DASHBOARDS {
         let q = dashboard_promql(&dashboard(d));
-        assert!(
-            q.len() >= 5,
-            "{d}: expected PromQL panels, found {}",
-            q.len()
-        );
-        exprs.extend(
-            q.into_iter()
-                .map(|(t, e)| (format!("{d}: {t}"), substitute_promql(&e))),
-        );
+        assert!(q.len() >= 5, "{d}: expected PromQL panels, found {}", q.len());
+        exprs.extend(q.into_iter().map(|(t, e)| (format!("{d}: {t}"), substitute_promql(&e))));
     }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dashboards.rules.yml");
     std::fs::write(&file, recording_rules(&exprs)).unwrap();
     let (ok, out) = check_rules(&promtool, &file);
     assert!(ok, "dashboard PromQL does not parse:\n{out}\n{exprs:#?}");
-    assert!(
-        out.contains(&format!("{} rules found", exprs.len())),
-        "{out}"
-    );
+    assert!(out.contains(&format!("{} rules found", exprs.len())), "{out}");
 
     // The check itself catches a broken expression.
     let bad = dir.path().join("bad.rules.yml");
-    let broken = vec![(
-        "broken".to_string(),
-        "sum by (x) (rate(foo[5m])".to_string(),
-    )];
+    let broken = vec![("broken".to_string(), "sum by (x) (rate(foo[5m])".to_string())];
     std::fs::write(&bad, recording_rules(&broken)).unwrap();
-    assert!(
-        !check_rules(&promtool, &bad).0,
-        "promtool accepted a broken expression"
-    );
+    assert!(!check_rules(&promtool, &bad).0, "promtool accepted a broken expression");
 }
 
 #[test]
@@ -366,10 +306,7 @@ fn metric_name_extraction() {
     let names = metric_names(
         r#"sum by (business_process_name, le) (rate(business_process_run_duration_seconds_bucket{business_process_name="$process"}[$__rate_interval])) / on (x) group_left time() - up{job="a"} > 26 * 3600"#,
     );
-    assert_eq!(
-        names.into_iter().collect::<Vec<_>>(),
-        vec!["business_process_run_duration_seconds_bucket", "up"]
-    );
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["business_process_run_duration_seconds_bucket", "up"]);
 }
 
 // ---------------------------------------------------------------- live server
@@ -385,10 +322,7 @@ fn sample_names(text: &str) -> BTreeSet<String> {
 /// Metric names (with histogram and counter suffixes) the docs catalogue.
 fn documented_names() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
-    ["metrics.md", "storage.md"]
-        .iter()
-        .map(|f| std::fs::read_to_string(root.join(f)).unwrap())
-        .collect()
+    ["metrics.md", "storage.md"].iter().map(|f| std::fs::read_to_string(root.join(f)).unwrap()).collect()
 }
 
 /// Dashboards' SQL runs on ClickHouse with bizsignal's schema and data; the
@@ -404,19 +338,13 @@ async fn dashboards_and_rules_work_against_a_live_server_on_clickhouse() {
         c.storage.clickhouse = chcfg.clone();
         c.processes.insert(
             "import".into(),
-            ProcessExpectations {
-                stall_after: Some(Duration::from_secs(2)),
-                ..Default::default()
-            },
+            ProcessExpectations { stall_after: Some(Duration::from_secs(2)), ..Default::default() },
         );
     })
     .await;
     let t = now();
     let log = |dt: u64, run: &str, extra: Vec<(&'static str, serde_json::Value)>| {
-        let mut a = vec![
-            ("business.process.name", s("import")),
-            ("business.run.id", s(run)),
-        ];
+        let mut a = vec![("business.process.name", s("import")), ("business.run.id", s(run))];
         a.extend(extra);
         (t + dt, "step", a)
     };
@@ -434,46 +362,23 @@ async fn dashboards_and_rules_work_against_a_live_server_on_clickhouse() {
                     ("business.milestone", s("loaded")),
                 ],
             ),
-            log(
-                1_000_000,
-                "ok",
-                vec![("business.run.status", s("succeeded"))],
-            ),
+            log(1_000_000, "ok", vec![("business.run.status", s("succeeded"))]),
             log(0, "bad", vec![("business.records.imported", n(1))]),
             log(
                 2_000_000,
                 "bad",
-                vec![
-                    ("business.run.status", s("failed")),
-                    ("business.error.message", s("feed unreachable")),
-                ],
+                vec![("business.run.status", s("failed")), ("business.error.message", s("feed unreachable"))],
             ),
-            log(
-                0,
-                "stuck",
-                vec![
-                    ("business.progress.done", n(3)),
-                    ("business.progress.total", n(9)),
-                ],
-            ),
+            log(0, "stuck", vec![("business.progress.done", n(3)), ("business.progress.total", n(9))]),
             // Rejected (not a number): exercises bizsignal_records_rejected_total.
             log(0, "invalid", vec![("business.records.imported", s("many"))]),
         ],
     );
     let (st, resp) = srv.post_json("/v1/logs", &body).await;
     assert_eq!(st, 200, "{resp}");
-    srv.wait_run("import", "ok", Duration::from_secs(30), |v| {
-        v["status"] == "succeeded"
-    })
-    .await;
-    srv.wait_run("import", "bad", Duration::from_secs(30), |v| {
-        v["status"] == "failed"
-    })
-    .await;
-    srv.wait_run("import", "stuck", Duration::from_secs(30), |v| {
-        v["status"] == "stalled"
-    })
-    .await;
+    srv.wait_run("import", "ok", Duration::from_secs(30), |v| v["status"] == "succeeded").await;
+    srv.wait_run("import", "bad", Duration::from_secs(30), |v| v["status"] == "failed").await;
+    srv.wait_run("import", "stuck", Duration::from_secs(30), |v| v["status"] == "stalled").await;
 
     // Probes of deploy/kubernetes/deployment.yaml and the compose health check.
     for p in ["/healthz", "/readyz"] {
@@ -493,21 +398,12 @@ async fn dashboards_and_rules_work_against_a_live_server_on_clickhouse() {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (ok, out) =
-            query("SELECT count() FROM run_state WHERE status = 'stalled'".into()).await;
-        let spooled = srv
-            .app()
-            .metrics
-            .clickhouse
-            .spool_records
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let (ok, out) = query("SELECT count() FROM run_state WHERE status = 'stalled'".into()).await;
+        let spooled = srv.app().metrics.clickhouse.spool_records.load(std::sync::atomic::Ordering::Relaxed);
         if ok && out.trim() != "0" && spooled == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the stall never reached ClickHouse: {out}"
-        );
+        assert!(Instant::now() < deadline, "the stall never reached ClickHouse: {out}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -518,11 +414,7 @@ async fn dashboards_and_rules_work_against_a_live_server_on_clickhouse() {
     let mut n_sql = 0;
     for d in DASHBOARDS {
         let sql = dashboard_sql(&dashboard(d));
-        assert!(
-            sql.len() >= 5,
-            "{d}: expected ClickHouse panels, found {}",
-            sql.len()
-        );
+        assert!(sql.len() >= 5, "{d}: expected ClickHouse panels, found {}", sql.len());
         for (title, q) in sql {
             let q = substitute_sql(&q, from, to, "import");
             let (ok, out) = query(q.clone()).await;
@@ -532,30 +424,17 @@ async fn dashboards_and_rules_work_against_a_live_server_on_clickhouse() {
         }
     }
     eprintln!("{n_sql} dashboard queries ran");
-    let r = |k: &str| {
-        results
-            .get(k)
-            .unwrap_or_else(|| panic!("no panel {k:?}: {:?}", results.keys()))
-    };
+    let r = |k: &str| results.get(k).unwrap_or_else(|| panic!("no panel {k:?}: {:?}", results.keys()));
     let by_status = r("business-overview.json: Runs by status (started in range)");
     for row in ["failed\t1", "stalled\t1", "succeeded\t1"] {
-        assert!(
-            by_status.contains(row),
-            "runs by status lacks {row:?}:\n{by_status}"
-        );
+        assert!(by_status.contains(row), "runs by status lacks {row:?}:\n{by_status}");
     }
     let late = r("business-overview.json: Stalled and late runs");
-    assert!(
-        late.contains("stuck\tstalled") && late.contains("stall_after"),
-        "{late}"
-    );
+    assert!(late.contains("stuck\tstalled") && late.contains("stall_after"), "{late}");
     assert!(!late.contains("\tok\t"), "{late}");
     assert!(r("business-overview.json: Freshness: since last success").starts_with("import\t"));
     let recs = r("business-overview.json: Records by outcome");
-    assert!(
-        recs.contains("imported\t11") && recs.contains("skipped\t2"),
-        "{recs}"
-    );
+    assert!(recs.contains("imported\t11") && recs.contains("skipped\t2"), "{recs}");
     let runs = r("process-drilldown.json: Runs");
     for id in ["ok\tsucceeded", "bad\tfailed", "stuck\tstalled"] {
         assert!(runs.contains(id), "{runs}");
@@ -564,21 +443,10 @@ async fn dashboards_and_rules_work_against_a_live_server_on_clickhouse() {
     assert!(r("process-drilldown.json: Milestones").starts_with("loaded\t1"));
     assert!(r("process-drilldown.json: Progress of open runs").starts_with("stuck\t3\t9"));
     assert!(r("process-drilldown.json: Violations").contains("stall_after"));
-    assert_eq!(
-        r("process-drilldown.json: variable \"process\"").trim(),
-        "import"
-    );
+    assert_eq!(r("process-drilldown.json: variable \"process\"").trim(), "import");
 
     // Every metric the dashboards and alert rules select exists.
-    let text = srv
-        .http
-        .get(srv.api("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = srv.http.get(srv.api("/metrics")).send().await.unwrap().text().await.unwrap();
     let live = sample_names(&text);
     let docs = documented_names();
     // Series that appear only after a rare event; they must be catalogued.
@@ -595,18 +463,13 @@ async fn dashboards_and_rules_work_against_a_live_server_on_clickhouse() {
             if m == "up" {
                 continue; // Prometheus' own scrape health series
             }
-            let known = live.contains(&m)
-                || (rare.contains(&m.as_str()) && docs.contains(&format!("`{m}`")));
+            let known = live.contains(&m) || (rare.contains(&m.as_str()) && docs.contains(&format!("`{m}`")));
             if !known {
                 missing.push(format!("{what}: {m}"));
             }
         }
     }
-    assert!(
-        missing.is_empty(),
-        "metrics not on /metrics:\n{}\n--- /metrics:\n{text}",
-        missing.join("\n")
-    );
+    assert!(missing.is_empty(), "metrics not on /metrics:\n{}\n--- /metrics:\n{text}", missing.join("\n"));
     srv.stop().await;
 }
 
@@ -614,30 +477,19 @@ async fn dashboards_and_rules_work_against_a_live_server_on_clickhouse() {
 
 fn check_config(file: &Path, env: &[(&str, &str)]) -> (bool, String) {
     let mut c = Command::new(BIN);
-    c.arg("check-config")
-        .arg(file)
-        .env_remove("CLICKHOUSE_PASSWORD");
+    c.arg("check-config").arg(file).env_remove("CLICKHOUSE_PASSWORD");
     for (k, v) in env {
         c.env(k, v);
     }
     let out = c.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// `host:port` → (host, port).
 fn host_port(s: &str) -> (String, u16) {
     let s = s.trim_start_matches("http://");
     let s = s.split('/').next().unwrap();
-    let (h, p) = s
-        .rsplit_once(':')
-        .unwrap_or_else(|| panic!("no port in {s:?}"));
+    let (h, p) = s.rsplit_once(':').unwrap_or_else(|| panic!("no port in {s:?}"));
     (h.to_string(), p.parse().unwrap())
 }
 
@@ -654,10 +506,7 @@ fn bind_mounts(svc: &Yaml) -> BTreeMap<String, String> {
             let mut parts = v.split(':');
             let src = parts.next().unwrap().trim_start_matches("./").to_string();
             let dst = parts.next().unwrap().to_string();
-            assert!(
-                deploy(&src).exists(),
-                "compose mounts deploy/{src}, which does not exist"
-            );
+            assert!(deploy(&src).exists(), "compose mounts deploy/{src}, which does not exist");
             (dst, src)
         })
         .collect()
@@ -669,29 +518,16 @@ fn deploy_configs_pass_check_config() {
     let (ok, out) = check_config(&file, &[("CLICKHOUSE_PASSWORD", "secret")]);
     assert!(ok, "{out}");
     let (ok, out) = check_config(&file, &[]);
-    assert!(
-        !ok && out.contains("CLICKHOUSE_PASSWORD"),
-        "the password comes from the environment: {out}"
-    );
+    assert!(!ok && out.contains("CLICKHOUSE_PASSWORD"), "the password comes from the environment: {out}");
     let c = yaml("bizsignal/config.yaml");
     assert_eq!(str_of(&c, "storage.kind"), "clickhouse");
-    assert_eq!(
-        str_of(&c, "storage.clickhouse.password"),
-        "${env:CLICKHOUSE_PASSWORD}"
-    );
+    assert_eq!(str_of(&c, "storage.clickhouse.password"), "${env:CLICKHOUSE_PASSWORD}");
 
     // The Kubernetes ConfigMap's config file.
     let cm = yaml_docs("kubernetes/configmap.yaml").remove(0);
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("config.yaml");
-    std::fs::write(
-        &f,
-        get(&cm, "data")
-            .get("config.yaml")
-            .and_then(Yaml::as_str)
-            .expect("data[config.yaml]"),
-    )
-    .unwrap();
+    std::fs::write(&f, get(&cm, "data").get("config.yaml").and_then(Yaml::as_str).expect("data[config.yaml]")).unwrap();
     let (ok, out) = check_config(&f, &[("CLICKHOUSE_PASSWORD", "secret")]);
     assert!(ok, "ConfigMap bizsignal-config: {out}");
 }
@@ -700,13 +536,7 @@ fn deploy_configs_pass_check_config() {
 fn compose_stack_is_consistent() {
     let compose = yaml("docker-compose.yml");
     let services = get(&compose, "services");
-    for s in [
-        "bizsignal",
-        "clickhouse",
-        "otel-collector",
-        "prometheus",
-        "grafana",
-    ] {
+    for s in ["bizsignal", "clickhouse", "otel-collector", "prometheus", "grafana"] {
         get(services, s);
     }
     let named_volumes = keys(get(&compose, "volumes"));
@@ -715,10 +545,7 @@ fn compose_stack_is_consistent() {
         for v in strings(get(svc, "volumes")) {
             if !v.starts_with("./") {
                 let name = v.split(':').next().unwrap();
-                assert!(
-                    named_volumes.contains(name),
-                    "{s}: volume {name} is not declared"
-                );
+                assert!(named_volumes.contains(name), "{s}: volume {name} is not declared");
             }
         }
         if s != "bizsignal" {
@@ -730,12 +557,7 @@ fn compose_stack_is_consistent() {
     let biz = get(services, "bizsignal");
     assert_eq!(str_of(biz, "build.context"), "..");
     let dockerfile = str_of(biz, "build.dockerfile");
-    assert!(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(dockerfile)
-            .is_file(),
-        "{dockerfile}"
-    );
+    assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join(dockerfile).is_file(), "{dockerfile}");
     let df = read("Dockerfile");
     assert!(
         df.contains("cargo build --release --locked") && df.contains("FROM debian:bookworm-slim"),
@@ -743,58 +565,37 @@ fn compose_stack_is_consistent() {
     );
     // What the build copies from the context exists and is not ignored.
     let ignored = read("Dockerfile.dockerignore");
-    let ignored: Vec<&str> = ignored
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .collect();
+    let ignored: Vec<&str> = ignored.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
     let mut copied = 0;
-    for l in df
-        .lines()
-        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
-    {
+    for l in df.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
         let parts: Vec<&str> = l.split_whitespace().collect();
         for src in &parts[1..parts.len() - 1] {
             assert!(
                 Path::new(env!("CARGO_MANIFEST_DIR")).join(src).exists(),
                 "Dockerfile copies {src}, which does not exist"
             );
-            assert!(
-                !ignored.contains(src),
-                "{src} is excluded from the build context"
-            );
+            assert!(!ignored.contains(src), "{src} is excluded from the build context");
             copied += 1;
         }
     }
     assert!(copied >= 3, "Cargo.toml, Cargo.lock and src are copied");
     for p in ["4317", "4318", "8080"] {
         assert!(df.contains(p), "Dockerfile EXPOSEs {p}");
-        assert!(
-            strings(get(biz, "expose")).contains(&p.to_string()),
-            "compose exposes {p}"
-        );
+        assert!(strings(get(biz, "expose")).contains(&p.to_string()), "compose exposes {p}");
     }
     let cmd = strings(get(biz, "command"));
     let arg = |flag: &str| cmd[cmd.iter().position(|a| a == flag).unwrap() + 1].clone();
     let mounts = bind_mounts(biz);
-    assert_eq!(
-        mounts.get(&arg("--config")).map(String::as_str),
-        Some("bizsignal/config.yaml")
-    );
+    assert_eq!(mounts.get(&arg("--config")).map(String::as_str), Some("bizsignal/config.yaml"));
     let cfg = yaml("bizsignal/config.yaml");
     assert_eq!(arg("--data-dir"), str_of(&cfg, "data_dir"));
     assert!(
-        strings(get(biz, "volumes"))
-            .iter()
-            .any(|v| v.ends_with(&format!(":{}", arg("--data-dir")))),
+        strings(get(biz, "volumes")).iter().any(|v| v.ends_with(&format!(":{}", arg("--data-dir")))),
         "data dir on a volume"
     );
     let grpc = port_of(str_of(&cfg, "server.otlp_grpc"));
     assert_eq!(
-        (
-            grpc,
-            port_of(str_of(&cfg, "server.otlp_http")),
-            port_of(str_of(&cfg, "server.http"))
-        ),
+        (grpc, port_of(str_of(&cfg, "server.otlp_http")), port_of(str_of(&cfg, "server.http"))),
         (4317, 4318, 8080)
     );
     assert!(
@@ -807,46 +608,28 @@ fn compose_stack_is_consistent() {
     assert_eq!((h.as_str(), p), ("clickhouse", 8123));
     let chsvc = get(services, "clickhouse");
     assert!(str_of(chsvc, "image").starts_with("clickhouse/clickhouse-server:"));
-    assert_eq!(
-        str_of(chsvc, "environment.CLICKHOUSE_USER"),
-        str_of(&cfg, "storage.clickhouse.user")
-    );
-    assert_eq!(
-        str_of(chsvc, "environment.CLICKHOUSE_DB"),
-        str_of(&cfg, "storage.clickhouse.database")
-    );
+    assert_eq!(str_of(chsvc, "environment.CLICKHOUSE_USER"), str_of(&cfg, "storage.clickhouse.user"));
+    assert_eq!(str_of(chsvc, "environment.CLICKHOUSE_DB"), str_of(&cfg, "storage.clickhouse.database"));
 
     // Collector → bizsignal's OTLP/gRPC port.
     let col = get(services, "otel-collector");
     assert!(str_of(col, "image").starts_with("otel/opentelemetry-collector-contrib:"));
     let colm = bind_mounts(col);
-    let colcfg_path = colm
-        .values()
-        .find(|v| v.starts_with("otel-collector/"))
-        .expect("collector config mounted");
+    let colcfg_path = colm.values().find(|v| v.starts_with("otel-collector/")).expect("collector config mounted");
     let colcfg = yaml(colcfg_path);
     let exporters = otlp_exporter_endpoints(&colcfg);
     assert!(!exporters.is_empty(), "{colcfg_path}: an otlp exporter");
     for e in exporters {
-        assert_eq!(
-            host_port(&e),
-            ("bizsignal".to_string(), grpc),
-            "{colcfg_path}"
-        );
+        assert_eq!(host_port(&e), ("bizsignal".to_string(), grpc), "{colcfg_path}");
     }
     let cmdline = strings(get(col, "command")).join(" ");
-    assert!(
-        colm.keys().any(|k| cmdline.contains(k.as_str())),
-        "the collector reads the mounted config: {cmdline}"
-    );
+    assert!(colm.keys().any(|k| cmdline.contains(k.as_str())), "the collector reads the mounted config: {cmdline}");
 
     // Prometheus scrapes bizsignal's /metrics and loads the rules.
     let prom = get(services, "prometheus");
     let pm = bind_mounts(prom);
-    let (pcfg_target, _) = pm
-        .iter()
-        .find(|(_, src)| src.as_str() == "prometheus/prometheus.yml")
-        .expect("prometheus.yml mounted");
+    let (pcfg_target, _) =
+        pm.iter().find(|(_, src)| src.as_str() == "prometheus/prometheus.yml").expect("prometheus.yml mounted");
     assert!(strings(get(prom, "command")).contains(&format!("--config.file={pcfg_target}")));
     let pcfg = yaml("prometheus/prometheus.yml");
     for r in strings(get(&pcfg, "rule_files")) {
@@ -859,13 +642,7 @@ fn compose_stack_is_consistent() {
     let job = &get(&pcfg, "scrape_configs").as_sequence().unwrap()[0];
     assert_eq!(str_of(job, "metrics_path"), "/metrics");
     let scrape_targets = strings(get(job, "static_configs.0.targets"));
-    assert_eq!(
-        scrape_targets,
-        vec![format!(
-            "bizsignal:{}",
-            port_of(str_of(&cfg, "server.http"))
-        )]
-    );
+    assert_eq!(scrape_targets, vec![format!("bizsignal:{}", port_of(str_of(&cfg, "server.http")))]);
     // The alert rules refer to the scrape job by name.
     let jobname = str_of(job, "job_name");
     assert!(read("prometheus/alerts.yml").contains(&format!("up{{job=\"{jobname}\"}}")));
@@ -875,11 +652,8 @@ fn compose_stack_is_consistent() {
     assert!(str_of(gf, "environment.GF_INSTALL_PLUGINS").contains(CH_TYPE));
     assert!(get(gf, "environment").get("CLICKHOUSE_PASSWORD").is_some());
     let gm = bind_mounts(gf);
-    let ds_dir = gm
-        .iter()
-        .find(|(_, s)| s.as_str() == "grafana/provisioning/datasources")
-        .expect("datasources mounted")
-        .0;
+    let ds_dir =
+        gm.iter().find(|(_, s)| s.as_str() == "grafana/provisioning/datasources").expect("datasources mounted").0;
     assert_eq!(ds_dir, "/etc/grafana/provisioning/datasources");
     assert!(gm.contains_key("/etc/grafana/provisioning/dashboards"));
     let provider = yaml("grafana/provisioning/dashboards/dashboards.yaml");
@@ -898,27 +672,15 @@ fn compose_stack_is_consistent() {
                 assert_eq!(str_of(d, "jsonData.host"), "clickhouse");
                 assert_eq!(get(d, "jsonData.port").as_u64(), Some(8123));
                 assert_eq!(str_of(d, "jsonData.protocol"), "http");
-                assert_eq!(
-                    str_of(d, "jsonData.defaultDatabase"),
-                    str_of(&cfg, "storage.clickhouse.database")
-                );
-                assert_eq!(
-                    str_of(d, "jsonData.username"),
-                    str_of(&cfg, "storage.clickhouse.user")
-                );
-                assert_eq!(
-                    str_of(d, "secureJsonData.password"),
-                    "${CLICKHOUSE_PASSWORD}"
-                );
+                assert_eq!(str_of(d, "jsonData.defaultDatabase"), str_of(&cfg, "storage.clickhouse.database"));
+                assert_eq!(str_of(d, "jsonData.username"), str_of(&cfg, "storage.clickhouse.user"));
+                assert_eq!(str_of(d, "secureJsonData.password"), "${CLICKHOUSE_PASSWORD}");
             }
             "prometheus" => {
                 let ports = strings(get(prom, "ports"));
                 let (h, p) = host_port(str_of(d, "url"));
                 assert_eq!(h, "prometheus");
-                assert!(
-                    ports.iter().any(|x| x.ends_with(&format!(":{p}"))),
-                    "{ports:?}"
-                );
+                assert!(ports.iter().any(|x| x.ends_with(&format!(":{p}"))), "{ports:?}");
             }
             t => panic!("unexpected datasource type {t}"),
         }
@@ -932,44 +694,26 @@ fn compose_stack_is_consistent() {
     let mut dash_uids = BTreeSet::new();
     for name in DASHBOARDS {
         let d = dashboard(name);
-        assert!(
-            dash_uids.insert(d["uid"].as_str().unwrap().to_string()),
-            "duplicate uid"
-        );
+        assert!(dash_uids.insert(d["uid"].as_str().unwrap().to_string()), "duplicate uid");
         for (title, t) in targets(&d) {
-            let uid = t["datasource"]["uid"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{name}: {title}: no datasource uid"));
-            assert_eq!(
-                uids.get(uid).map(String::as_str),
-                t["datasource"]["type"].as_str(),
-                "{name}: {title}"
-            );
+            let uid = t["datasource"]["uid"].as_str().unwrap_or_else(|| panic!("{name}: {title}: no datasource uid"));
+            assert_eq!(uids.get(uid).map(String::as_str), t["datasource"]["type"].as_str(), "{name}: {title}");
         }
         for v in d["templating"]["list"].as_array().unwrap() {
             assert_eq!(
-                uids.get(v["datasource"]["uid"].as_str().unwrap())
-                    .map(String::as_str),
+                uids.get(v["datasource"]["uid"].as_str().unwrap()).map(String::as_str),
                 v["datasource"]["type"].as_str()
             );
         }
     }
     let drill = dashboard("process-drilldown.json");
-    assert!(drill["templating"]["list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|v| v["name"] == "process"));
+    assert!(drill["templating"]["list"].as_array().unwrap().iter().any(|v| v["name"] == "process"));
 }
 
 /// Endpoints of the collector config's `otlp` exporters that are used in a pipeline.
 fn otlp_exporter_endpoints(c: &Yaml) -> Vec<String> {
-    let used: BTreeSet<String> = get(c, "service.pipelines")
-        .as_mapping()
-        .unwrap()
-        .values()
-        .flat_map(|p| strings(get(p, "exporters")))
-        .collect();
+    let used: BTreeSet<String> =
+        get(c, "service.pipelines").as_mapping().unwrap().values().flat_map(|p| strings(get(p, "exporters"))).collect();
     keys(get(c, "exporters"))
         .into_iter()
         .filter(|k| (k == "otlp" || k.starts_with("otlp/")) && used.contains(k))
@@ -983,17 +727,11 @@ fn collector_configs_are_consistent() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    for f in [
-        "forward-all.yaml",
-        "business-only.yaml",
-        "loadbalancing.yaml",
-    ] {
+    for f in ["forward-all.yaml", "business-only.yaml", "loadbalancing.yaml"] {
         assert!(files.contains(&f.to_string()), "{f}");
     }
-    let k8s_services: BTreeSet<String> = yaml_docs("kubernetes/service.yaml")
-        .iter()
-        .map(|s| str_of(s, "metadata.name").to_string())
-        .collect();
+    let k8s_services: BTreeSet<String> =
+        yaml_docs("kubernetes/service.yaml").iter().map(|s| str_of(s, "metadata.name").to_string()).collect();
     for f in &files {
         let c = yaml(&format!("otel-collector/{f}"));
         // Every component a pipeline names is defined; every pipeline has traces or logs.
@@ -1005,77 +743,42 @@ fn collector_configs_are_consistent() {
             for section in ["receivers", "processors", "exporters"] {
                 let defined = keys(get(&c, section));
                 for comp in strings(p.get(section).unwrap_or(&Yaml::Null)) {
-                    assert!(
-                        defined.contains(&comp),
-                        "{f}: pipeline {name} uses undefined {section} {comp}"
-                    );
+                    assert!(defined.contains(&comp), "{f}: pipeline {name} uses undefined {section} {comp}");
                 }
             }
         }
-        assert_eq!(
-            kinds,
-            ["logs", "traces"].map(String::from).into(),
-            "{f}: traces and logs pipelines"
-        );
-        assert_eq!(
-            str_of(&c, "receivers.otlp.protocols.grpc.endpoint"),
-            "0.0.0.0:4317",
-            "{f}"
-        );
-        assert_eq!(
-            str_of(&c, "receivers.otlp.protocols.http.endpoint"),
-            "0.0.0.0:4318",
-            "{f}"
-        );
+        assert_eq!(kinds, ["logs", "traces"].map(String::from).into(), "{f}: traces and logs pipelines");
+        assert_eq!(str_of(&c, "receivers.otlp.protocols.grpc.endpoint"), "0.0.0.0:4317", "{f}");
+        assert_eq!(str_of(&c, "receivers.otlp.protocols.http.endpoint"), "0.0.0.0:4318", "{f}");
         for e in otlp_exporter_endpoints(&c) {
             assert_eq!(host_port(&e), ("bizsignal".to_string(), 4317), "{f}");
         }
         match f.as_str() {
             "business-only.yaml" => {
                 let filt = get(&c, "processors.filter/business-only");
-                for cond in strings(get(filt, "traces.span"))
-                    .into_iter()
-                    .chain(strings(get(filt, "logs.log_record")))
-                {
-                    assert!(
-                        cond.contains(r#"attributes["business.process.name"] == nil"#),
-                        "{cond}"
-                    );
+                for cond in strings(get(filt, "traces.span")).into_iter().chain(strings(get(filt, "logs.log_record"))) {
+                    assert!(cond.contains(r#"attributes["business.process.name"] == nil"#), "{cond}");
                 }
                 for p in pipelines.as_mapping().unwrap().values() {
-                    assert!(
-                        strings(get(p, "processors")).contains(&"filter/business-only".to_string())
-                    );
+                    assert!(strings(get(p, "processors")).contains(&"filter/business-only".to_string()));
                 }
             }
             "loadbalancing.yaml" => {
                 let lb = get(&c, "exporters.loadbalancing/bizsignal");
                 assert_eq!(str_of(lb, "routing_key"), "traceID");
                 assert!(
-                    lb.get("protocol")
-                        .and_then(|p| p.get("otlp"))
-                        .and_then(|o| o.get("endpoint"))
-                        .is_none(),
+                    lb.get("protocol").and_then(|p| p.get("otlp")).and_then(|o| o.get("endpoint")).is_none(),
                     "the loadbalancer sets endpoints"
                 );
                 let host = str_of(lb, "resolver.dns.hostname");
                 let svc = host.split('.').next().unwrap();
-                assert!(
-                    k8s_services.contains(svc),
-                    "{host}: no Service {svc} in deploy/kubernetes/service.yaml"
-                );
+                assert!(k8s_services.contains(svc), "{host}: no Service {svc} in deploy/kubernetes/service.yaml");
                 assert_eq!(str_of(lb, "resolver.dns.port"), "4317");
                 for p in pipelines.as_mapping().unwrap().values() {
-                    assert_eq!(
-                        strings(get(p, "exporters")),
-                        vec!["loadbalancing/bizsignal".to_string()]
-                    );
+                    assert_eq!(strings(get(p, "exporters")), vec!["loadbalancing/bizsignal".to_string()]);
                 }
             }
-            _ => assert!(
-                !otlp_exporter_endpoints(&c).is_empty(),
-                "{f}: an otlp exporter to bizsignal"
-            ),
+            _ => assert!(!otlp_exporter_endpoints(&c).is_empty(), "{f}: an otlp exporter to bizsignal"),
         }
     }
 }
@@ -1086,16 +789,9 @@ fn kubernetes_manifests_are_consistent() {
     let mut by_kind: BTreeMap<(String, String), Yaml> = BTreeMap::new();
     for r in strings(get(&kust, "resources")) {
         for d in yaml_docs(&format!("kubernetes/{r}")) {
-            let key = (
-                str_of(&d, "kind").to_string(),
-                str_of(&d, "metadata.name").to_string(),
-            );
+            let key = (str_of(&d, "kind").to_string(), str_of(&d, "metadata.name").to_string());
             if key.0 != "Namespace" {
-                assert_eq!(
-                    str_of(&d, "metadata.namespace"),
-                    str_of(&kust, "namespace"),
-                    "{key:?}"
-                );
+                assert_eq!(str_of(&d, "metadata.namespace"), str_of(&kust, "namespace"), "{key:?}");
             }
             by_kind.insert(key, d);
         }
@@ -1103,9 +799,7 @@ fn kubernetes_manifests_are_consistent() {
     let find = |kind: &str, name: &str| {
         by_kind
             .get(&(kind.to_string(), name.to_string()))
-            .unwrap_or_else(|| {
-                panic!("no {kind} {name} in deploy/kubernetes (kustomization resources)")
-            })
+            .unwrap_or_else(|| panic!("no {kind} {name} in deploy/kubernetes (kustomization resources)"))
     };
     let dep = find("Deployment", "bizsignal");
     let pod = get(dep, "spec.template");
@@ -1116,29 +810,15 @@ fn kubernetes_manifests_are_consistent() {
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|p| {
-            (
-                str_of(p, "name").to_string(),
-                get(p, "containerPort").as_u64().unwrap(),
-            )
-        })
+        .map(|p| (str_of(p, "name").to_string(), get(p, "containerPort").as_u64().unwrap()))
         .collect();
-    assert_eq!(
-        ports.values().copied().collect::<BTreeSet<_>>(),
-        [4317, 4318, 8080].into()
-    );
+    assert_eq!(ports.values().copied().collect::<BTreeSet<_>>(), [4317, 4318, 8080].into());
     let resolve = |p: &Yaml| match p {
-        Yaml::String(n) => *ports
-            .get(n)
-            .unwrap_or_else(|| panic!("no container port named {n}")),
+        Yaml::String(n) => *ports.get(n).unwrap_or_else(|| panic!("no container port named {n}")),
         Yaml::Number(n) => n.as_u64().unwrap(),
         o => panic!("{o:?}"),
     };
-    for (probe, path) in [
-        ("livenessProbe", "/healthz"),
-        ("readinessProbe", "/readyz"),
-        ("startupProbe", "/healthz"),
-    ] {
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")] {
         let pr = get(c, probe);
         assert_eq!(str_of(pr, "httpGet.path"), path, "{probe}");
         assert_eq!(resolve(get(pr, "httpGet.port")), 8080, "{probe}");
@@ -1150,12 +830,7 @@ fn kubernetes_manifests_are_consistent() {
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|m| {
-            (
-                str_of(m, "name").to_string(),
-                str_of(m, "mountPath").to_string(),
-            )
-        })
+        .map(|m| (str_of(m, "name").to_string(), str_of(m, "mountPath").to_string()))
         .collect();
     let volumes = get(pod, "spec.volumes").as_sequence().unwrap();
     let mut cm_checked = false;
@@ -1167,43 +842,26 @@ fn kubernetes_manifests_are_consistent() {
             let file = arg("--config");
             let (dir, key) = file.rsplit_once('/').unwrap();
             assert_eq!(mount, dir);
-            let cfg: Yaml = serde_norway::from_str(
-                get(cm, "data")
-                    .get(key)
-                    .and_then(Yaml::as_str)
-                    .expect("ConfigMap key"),
-            )
-            .unwrap();
+            let cfg: Yaml =
+                serde_norway::from_str(get(cm, "data").get(key).and_then(Yaml::as_str).expect("ConfigMap key"))
+                    .unwrap();
             assert_eq!(str_of(&cfg, "data_dir"), arg("--data-dir"));
             assert_eq!(port_of(str_of(&cfg, "server.otlp_grpc")), 4317);
             assert_eq!(port_of(str_of(&cfg, "server.otlp_http")), 4318);
             assert_eq!(port_of(str_of(&cfg, "server.http")), 8080);
-            assert_eq!(
-                str_of(&cfg, "storage.clickhouse.password"),
-                "${env:CLICKHOUSE_PASSWORD}"
-            );
+            assert_eq!(str_of(&cfg, "storage.clickhouse.password"), "${env:CLICKHOUSE_PASSWORD}");
             cm_checked = true;
         }
         if let Some(p) = v.get("persistentVolumeClaim") {
             find("PersistentVolumeClaim", str_of(p, "claimName"));
-            assert_eq!(
-                mount,
-                &arg("--data-dir"),
-                "the PVC holds the data dir (spool)"
-            );
+            assert_eq!(mount, &arg("--data-dir"), "the PVC holds the data dir (spool)");
             pvc_checked = true;
         }
     }
     assert!(cm_checked && pvc_checked);
     let env = get(c, "env").as_sequence().unwrap();
-    assert!(env
-        .iter()
-        .any(|e| str_of(e, "name") == "CLICKHOUSE_PASSWORD" && e.get("valueFrom").is_some()));
-    assert_eq!(
-        str_of(dep, "spec.strategy.type"),
-        "Recreate",
-        "a ReadWriteOnce volume"
-    );
+    assert!(env.iter().any(|e| str_of(e, "name") == "CLICKHOUSE_PASSWORD" && e.get("valueFrom").is_some()));
+    assert_eq!(str_of(dep, "spec.strategy.type"), "Recreate", "a ReadWriteOnce volume");
     // Services select the pods and target existing ports.
     for name in ["bizsignal", "bizsignal-headless"] {
         let svc = find("Service", name);
@@ -1211,26 +869,14 @@ fn kubernetes_manifests_are_consistent() {
             assert_eq!(labels.get(k), Some(v), "{name} selects the pods");
         }
         for p in get(svc, "spec.ports").as_sequence().unwrap() {
-            assert_eq!(
-                resolve(get(p, "targetPort")),
-                get(p, "port").as_u64().unwrap(),
-                "{name}"
-            );
+            assert_eq!(resolve(get(p, "targetPort")), get(p, "port").as_u64().unwrap(), "{name}");
         }
     }
-    assert_eq!(
-        str_of(find("Service", "bizsignal-headless"), "spec.clusterIP"),
-        "None"
-    );
+    assert_eq!(str_of(find("Service", "bizsignal-headless"), "spec.clusterIP"), "None");
 }
 
 #[test]
 fn run_sh_installs_promtool() {
-    let sh = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/run.sh"))
-        .unwrap();
-    assert!(
-        sh.contains("command -v promtool")
-            && sh.contains("apt-get install -y")
-            && sh.contains("prometheus")
-    );
+    let sh = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/run.sh")).unwrap();
+    assert!(sh.contains("command -v promtool") && sh.contains("apt-get install -y") && sh.contains("prometheus"));
 }

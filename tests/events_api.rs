@@ -12,7 +12,8 @@ async fn post(srv: &Server, body: serde_json::Value) -> (u16, serde_json::Value)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_build_runs_like_otlp_signals() {
     let srv = Server::start().await;
-    let (st, b) = post(&srv, json!({"process": "backup", "run_id": "b-1", "status": "started", "progress": {"total": 10}})).await;
+    let (st, b) =
+        post(&srv, json!({"process": "backup", "run_id": "b-1", "status": "started", "progress": {"total": 10}})).await;
     assert_eq!((st, b["stored"].as_bool()), (200, Some(true)));
     post(&srv, json!({"process": "backup", "run_id": "b-1", "records": {"copied": 7, "failed": 1}, "progress": {"done": 8}, "event_id": "step-1"})).await;
     // A retry with the same event_id is recognised.
@@ -42,17 +43,37 @@ async fn invalid_events_get_400_with_the_reason_and_store_nothing() {
         (json!({"process": "p", "run_id": "r", "records": {"x": -1}}), "records.x must be a non-negative number"),
         (json!({"process": "p", "run_id": "r", "records": {"x": "many"}}), "records.x must be a number"),
         (json!({"process": "p", "run_id": "r", "status": "exploded"}), "status must be started, succeeded or failed"),
-        (json!({"process": "p", "run_id": "r", "note": "x", "time": "yesterday"}), "time must be an RFC 3339 timestamp"),
+        (
+            json!({"process": "p", "run_id": "r", "note": "x", "time": "yesterday"}),
+            "time must be an RFC 3339 timestamp",
+        ),
         (json!({"process": "p", "run_id": "r", "note": "x", "colour": "red"}), "unknown field `colour`"),
-        (json!({"process": "p", "run_id": "r", "progress": {"done": 1e300}}), "progress.done must be a non-negative number"),
+        (
+            json!({"process": "p", "run_id": "r", "progress": {"done": 1e300}}),
+            "progress.done must be a non-negative number",
+        ),
     ] {
         let (st, b) = post(&srv, body.clone()).await;
         assert_eq!(st, 400, "{body}");
         assert!(b["error"].as_str().unwrap().contains(want), "{body}: {b}");
     }
-    let r = srv.http.post(srv.api("/api/v1/events")).header("content-type", "text/plain").body("note").send().await.unwrap();
+    let r = srv
+        .http
+        .post(srv.api("/api/v1/events"))
+        .header("content-type", "text/plain")
+        .body("note")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 415);
-    let r = srv.http.post(srv.api("/api/v1/events")).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let r = srv
+        .http
+        .post(srv.api("/api/v1/events"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert!(srv.run("p", "r").await.is_none());
     srv.stop().await;

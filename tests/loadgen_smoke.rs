@@ -32,10 +32,7 @@ fn check(r: &Report, batch: u64) {
     assert!(r.spans_accepted > 0);
     assert_eq!(r.requests_failed, 0, "unexpected failures: {r:?}");
     // Every request sent is either accepted or refused.
-    assert_eq!(
-        r.spans_sent,
-        (r.requests_ok + r.requests_refused + r.requests_failed) * batch
-    );
+    assert_eq!(r.spans_sent, (r.requests_ok + r.requests_refused + r.requests_failed) * batch);
     assert_eq!(r.spans_accepted + r.spans_rejected, r.requests_ok * batch);
     assert!(r.business_acked > 0);
     assert!(r.server_cpu_s_per_million.is_some() && r.server_peak_rss_kib.is_some());
@@ -43,12 +40,7 @@ fn check(r: &Report, batch: u64) {
 
 fn stored_signals(server: &Server) -> u64 {
     let c = rusqlite::Connection::open(server.db_path()).unwrap();
-    c.query_row(
-        "SELECT COUNT(DISTINCT signal_id) FROM business_events",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .unwrap() as u64
+    c.query_row("SELECT COUNT(DISTINCT signal_id) FROM business_events", [], |r| r.get::<_, i64>(0)).unwrap() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,19 +68,9 @@ async fn loadgen_grpc_and_http_smoke() {
     let stored = stored_signals(&server);
     assert!(stored >= acked, "stored {stored} < acknowledged {acked}");
     if refused == 0 {
-        assert_eq!(
-            stored, acked,
-            "stored business signals differ from the acknowledged ones"
-        );
+        assert_eq!(stored, acked, "stored business signals differ from the acknowledged ones");
     }
-    let busy = server
-        .app()
-        .metrics
-        .requests_refused_busy
-        .load(Ordering::Relaxed);
-    assert!(
-        busy <= refused,
-        "server refused {busy} requests as busy, loadgen saw {refused} refusals"
-    );
+    let busy = server.app().metrics.requests_refused_busy.load(Ordering::Relaxed);
+    assert!(busy <= refused, "server refused {busy} requests as busy, loadgen saw {refused} refusals");
     server.stop().await;
 }

@@ -4,17 +4,13 @@
 //! as Prometheus text / OpenMetrics), and both show the same exact values.
 
 mod common;
-use bizsignal::config::{
-    InstrumentKind, OtlpProtocol, ProcessExpectations, TemporalityConfig, UserMetricConfig,
-};
+use bizsignal::config::{InstrumentKind, OtlpProtocol, ProcessExpectations, TemporalityConfig, UserMetricConfig};
 use common::*;
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as PV;
 use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point, Metric};
 use std::collections::BTreeMap;
@@ -33,9 +29,7 @@ impl MetricsService for Sink {
         req: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.0.lock().unwrap().push(req.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse {
-            partial_success: None,
-        }))
+        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
     }
 }
 
@@ -72,10 +66,7 @@ fn attrs(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Attrs {
 }
 
 fn a(pairs: &[(&str, &str)]) -> Attrs {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// One exported point: a number, or a histogram's (count, sum).
@@ -107,10 +98,7 @@ fn points(req: &ExportMetricsServiceRequest) -> BTreeMap<String, (Metric, BTreeM
                     Some(Data::Histogram(h)) => h.data_points.iter().for_each(|p| {
                         pts.insert(
                             attrs(&p.attributes),
-                            Point::Hist {
-                                count: p.count,
-                                sum: p.sum.unwrap_or(f64::NAN),
-                            },
+                            Point::Hist { count: p.count, sum: p.sum.unwrap_or(f64::NAN) },
                         );
                     }),
                     _ => {}
@@ -139,14 +127,7 @@ impl Sink {
     ) -> BTreeMap<String, (Metric, BTreeMap<Attrs, Point>)> {
         let deadline = Instant::now() + within;
         loop {
-            let last = self
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .rev()
-                .map(points)
-                .find(|p| pred(p));
+            let last = self.0.lock().unwrap().iter().rev().map(points).find(|p| pred(p));
             if let Some(p) = last {
                 return p;
             }
@@ -160,11 +141,7 @@ impl Sink {
     }
 }
 
-fn get(
-    p: &BTreeMap<String, (Metric, BTreeMap<Attrs, Point>)>,
-    name: &str,
-    at: &Attrs,
-) -> Option<Point> {
+fn get(p: &BTreeMap<String, (Metric, BTreeMap<Attrs, Point>)>, name: &str, at: &Attrs) -> Option<Point> {
     p.get(name).and_then(|(_, pts)| pts.get(at).cloned())
 }
 
@@ -195,10 +172,7 @@ fn parse_labels(s: &str) -> (Attrs, &str) {
         }
         let start = i;
         while b[i] != b'=' {
-            assert!(
-                b[i].is_ascii_alphanumeric() || b[i] == b'_',
-                "bad label name in {s:?}"
-            );
+            assert!(b[i].is_ascii_alphanumeric() || b[i] == b'_', "bad label name in {s:?}");
             i += 1;
         }
         let name = s[start..i].to_string();
@@ -234,9 +208,7 @@ fn parse_value(v: &str) -> f64 {
         "+Inf" => f64::INFINITY,
         "-Inf" => f64::NEG_INFINITY,
         "NaN" => f64::NAN,
-        _ => v
-            .parse()
-            .unwrap_or_else(|_| panic!("bad sample value {v:?}")),
+        _ => v.parse().unwrap_or_else(|_| panic!("bad sample value {v:?}")),
     }
 }
 
@@ -254,38 +226,20 @@ fn parse_exposition(text: &str, openmetrics: bool) -> Exposition {
                 continue;
             }
             let mut it = rest.splitn(3, ' ');
-            let (kw, name, val) = (
-                it.next().unwrap(),
-                it.next().unwrap(),
-                it.next().unwrap_or(""),
-            );
+            let (kw, name, val) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap_or(""));
             match kw {
                 "TYPE" => {
                     assert!(
-                        [
-                            "counter",
-                            "gauge",
-                            "histogram",
-                            "summary",
-                            "untyped",
-                            "unknown"
-                        ]
-                        .contains(&val),
+                        ["counter", "gauge", "histogram", "summary", "untyped", "unknown"].contains(&val),
                         "bad type {val}"
                     );
-                    assert!(
-                        e.types.insert(name.to_string(), val.to_string()).is_none(),
-                        "TYPE {name} twice"
-                    );
+                    assert!(e.types.insert(name.to_string(), val.to_string()).is_none(), "TYPE {name} twice");
                 }
                 "HELP" => {
                     e.help.insert(name.to_string(), val.to_string());
                 }
                 "UNIT" => {
-                    assert!(
-                        name.ends_with(&format!("_{val}")),
-                        "OpenMetrics: {name} must end with its unit {val}"
-                    );
+                    assert!(name.ends_with(&format!("_{val}")), "OpenMetrics: {name} must end with its unit {val}");
                     e.units.insert(name.to_string(), val.to_string());
                 }
                 _ => {}
@@ -295,11 +249,7 @@ fn parse_exposition(text: &str, openmetrics: bool) -> Exposition {
         assert!(!line.starts_with('#'), "unexpected comment {line:?}");
         let name_end = line.find(['{', ' ']).expect("sample has a value");
         let name = &line[..name_end];
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name {name:?}"
-        );
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad metric name {name:?}");
         let (labels, rest) = if line.as_bytes()[name_end] == b'{' {
             parse_labels(&line[name_end + 1..])
         } else {
@@ -319,17 +269,9 @@ fn parse_exposition(text: &str, openmetrics: bool) -> Exposition {
         .find(|f| e.types.contains_key(*f))
         .unwrap_or_else(|| panic!("sample {name} without a TYPE"));
         if e.types[family] == "counter" {
-            assert!(
-                name.ends_with("_total"),
-                "counter sample {name} must end in _total"
-            );
+            assert!(name.ends_with("_total"), "counter sample {name} must end in _total");
         }
-        assert!(
-            e.samples
-                .insert((name.to_string(), labels), value)
-                .is_none(),
-            "duplicate series {line}"
-        );
+        assert!(e.samples.insert((name.to_string(), labels), value).is_none(), "duplicate series {line}");
     }
     assert_eq!(e.eof, openmetrics, "# EOF iff OpenMetrics");
     e
@@ -338,20 +280,13 @@ fn parse_exposition(text: &str, openmetrics: bool) -> Exposition {
 async fn scrape(srv: &Server, openmetrics: bool) -> (String, Exposition) {
     let mut req = srv.http.get(srv.api("/metrics"));
     if openmetrics {
-        req = req.header(
-            "accept",
-            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
-        );
+        req = req.header("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5");
     }
     let r = req.send().await.unwrap();
     assert_eq!(r.status(), 200);
     let ct = r.headers()["content-type"].to_str().unwrap().to_string();
     assert!(
-        ct.starts_with(if openmetrics {
-            "application/openmetrics-text"
-        } else {
-            "text/plain; version=0.0.4"
-        }),
+        ct.starts_with(if openmetrics { "application/openmetrics-text" } else { "text/plain; version=0.0.4" }),
         "{ct}"
     );
     let text = r.text().await.unwrap();
@@ -365,15 +300,8 @@ fn p(pairs: &[(&str, &str)]) -> Attrs {
 
 // ---------- drivers: real SDK exporters into bizsignal ----------
 
-
 /// Log records of one run: (records.imported, progress done, status).
-fn send_logs(
-    endpoint: String,
-    process: &str,
-    run_id: &str,
-    tier: &str,
-    steps: &[(i64, i64, &str)],
-) {
+fn send_logs(endpoint: String, process: &str, run_id: &str, tier: &str, steps: &[(i64, i64, &str)]) {
     let (tp, lp) = providers(&endpoint, Proto::Grpc, "importer");
     let logger = lp.logger("test");
     for (i, (n, done, status)) in steps.iter().enumerate() {
@@ -430,77 +358,37 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
         c.metrics.user_defined.push(user_histogram());
         c.processes.insert(
             "stuck".into(),
-            ProcessExpectations {
-                stall_after: Some(Duration::from_millis(300)),
-                ..Default::default()
-            },
+            ProcessExpectations { stall_after: Some(Duration::from_millis(300)), ..Default::default() },
         );
     })
     .await;
     let g = srv.grpc_endpoint();
     let e = g.clone();
-    tokio::task::spawn_blocking(move || send_span_run(e.clone(), Proto::Grpc, "r-1", true))
-        .await
-        .unwrap();
-    srv.wait_run("reconcile", "r-1", Duration::from_secs(5), |r| {
-        r["status"] == "failed"
-    })
-    .await;
+    tokio::task::spawn_blocking(move || send_span_run(e.clone(), Proto::Grpc, "r-1", true)).await.unwrap();
+    srv.wait_run("reconcile", "r-1", Duration::from_secs(5), |r| r["status"] == "failed").await;
     let e = g.clone();
-    tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, "r-2", false))
-        .await
-        .unwrap();
-    let r2 = srv
-        .wait_run("reconcile", "r-2", Duration::from_secs(5), |r| {
-            r["status"] == "succeeded"
-        })
-        .await;
+    tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, "r-2", false)).await.unwrap();
+    let r2 = srv.wait_run("reconcile", "r-2", Duration::from_secs(5), |r| r["status"] == "succeeded").await;
     let r1 = srv.run("reconcile", "r-1").await.unwrap();
     let e = g.clone();
     tokio::task::spawn_blocking(move || {
-        send_logs(
-            e,
-            "import",
-            "imp-1",
-            "gold",
-            &[
-                (100, 100, "started"),
-                (100, 200, ""),
-                (100, 300, "succeeded"),
-            ],
-        )
+        send_logs(e, "import", "imp-1", "gold", &[(100, 100, "started"), (100, 200, ""), (100, 300, "succeeded")])
     })
     .await
     .unwrap();
-    let imp1 = srv
-        .wait_run("import", "imp-1", Duration::from_secs(5), |r| {
-            r["status"] == "succeeded"
-        })
-        .await;
+    let imp1 = srv.wait_run("import", "imp-1", Duration::from_secs(5), |r| r["status"] == "succeeded").await;
     let e = g.clone();
-    tokio::task::spawn_blocking(move || {
-        send_logs(e, "import", "imp-2", "silver", &[(50, 100, "started")])
-    })
-    .await
-    .unwrap();
-    srv.wait_run("import", "imp-2", Duration::from_secs(5), |r| {
-        r["counts"]["imported"] == 50
-    })
-    .await;
-    let e = g.clone();
-    tokio::task::spawn_blocking(move || send_logs(e, "stuck", "s-1", "gold", &[(0, 0, "started")]))
+    tokio::task::spawn_blocking(move || send_logs(e, "import", "imp-2", "silver", &[(50, 100, "started")]))
         .await
         .unwrap();
-    srv.wait_run("stuck", "s-1", Duration::from_secs(5), |r| {
-        r["status"] == "stalled"
-    })
-    .await;
+    srv.wait_run("import", "imp-2", Duration::from_secs(5), |r| r["counts"]["imported"] == 50).await;
+    let e = g.clone();
+    tokio::task::spawn_blocking(move || send_logs(e, "stuck", "s-1", "gold", &[(0, 0, "started")])).await.unwrap();
+    srv.wait_run("stuck", "s-1", Duration::from_secs(5), |r| r["status"] == "stalled").await;
 
     let stalled = p(&[(P, "stuck")]);
     let got = sink
-        .wait(Duration::from_secs(10), |m| {
-            get(m, "business.process.runs.stalled", &stalled) == Some(Point::Num(1.0))
-        })
+        .wait(Duration::from_secs(10), |m| get(m, "business.process.runs.stalled", &stalled) == Some(Point::Num(1.0)))
         .await;
 
     let last_r = ts_seconds(&r2["ended_at"]);
@@ -516,20 +404,8 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
             "business_process_runs_started_total",
             n(2.0),
         ),
-        (
-            "business.process.runs.started",
-            "{run}",
-            p(&[(P, "import")]),
-            "business_process_runs_started_total",
-            n(2.0),
-        ),
-        (
-            "business.process.runs.started",
-            "{run}",
-            p(&[(P, "stuck")]),
-            "business_process_runs_started_total",
-            n(1.0),
-        ),
+        ("business.process.runs.started", "{run}", p(&[(P, "import")]), "business_process_runs_started_total", n(2.0)),
+        ("business.process.runs.started", "{run}", p(&[(P, "stuck")]), "business_process_runs_started_total", n(1.0)),
         (
             "business.process.runs.finished",
             "{run}",
@@ -565,34 +441,10 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
             "business_process_run_duration_seconds",
             h(1, imp1["duration_seconds"].as_f64().unwrap()),
         ),
-        (
-            "business.process.runs.active",
-            "{run}",
-            p(&[(P, "reconcile")]),
-            "business_process_runs_active",
-            n(0.0),
-        ),
-        (
-            "business.process.runs.active",
-            "{run}",
-            p(&[(P, "import")]),
-            "business_process_runs_active",
-            n(1.0),
-        ),
-        (
-            "business.process.runs.active",
-            "{run}",
-            p(&[(P, "stuck")]),
-            "business_process_runs_active",
-            n(1.0),
-        ),
-        (
-            "business.process.runs.stalled",
-            "{run}",
-            p(&[(P, "stuck")]),
-            "business_process_runs_stalled",
-            n(1.0),
-        ),
+        ("business.process.runs.active", "{run}", p(&[(P, "reconcile")]), "business_process_runs_active", n(0.0)),
+        ("business.process.runs.active", "{run}", p(&[(P, "import")]), "business_process_runs_active", n(1.0)),
+        ("business.process.runs.active", "{run}", p(&[(P, "stuck")]), "business_process_runs_active", n(1.0)),
+        ("business.process.runs.stalled", "{run}", p(&[(P, "stuck")]), "business_process_runs_stalled", n(1.0)),
         (
             "business.process.records",
             "{record}",
@@ -663,27 +515,9 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
             "import_batch_size",
             h(1, 50.0),
         ),
-        (
-            "bizsignal.spans.received",
-            "{span}",
-            Attrs::new(),
-            "bizsignal_spans_received_total",
-            n(6.0),
-        ),
-        (
-            "bizsignal.logs.received",
-            "{log_record}",
-            Attrs::new(),
-            "bizsignal_logs_received_total",
-            n(5.0),
-        ),
-        (
-            "bizsignal.signals.classified",
-            "{signal}",
-            Attrs::new(),
-            "bizsignal_signals_classified_total",
-            n(11.0),
-        ),
+        ("bizsignal.spans.received", "{span}", Attrs::new(), "bizsignal_spans_received_total", n(6.0)),
+        ("bizsignal.logs.received", "{log_record}", Attrs::new(), "bizsignal_logs_received_total", n(5.0)),
+        ("bizsignal.signals.classified", "{signal}", Attrs::new(), "bizsignal_signals_classified_total", n(11.0)),
         (
             "bizsignal.records.rejected",
             "{record}",
@@ -695,32 +529,19 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
     let close = |x: f64, y: f64| (x - y).abs() <= 1e-6 * y.abs().max(1.0);
     let same = |got: &Point, want: &Point| match (got, want) {
         (Point::Num(x), Point::Num(y)) => close(*x, *y),
-        (Point::Hist { count: c1, sum: s1 }, Point::Hist { count: c2, sum: s2 }) => {
-            c1 == c2 && close(*s1, *s2)
-        }
+        (Point::Hist { count: c1, sum: s1 }, Point::Hist { count: c2, sum: s2 }) => c1 == c2 && close(*s1, *s2),
         _ => false,
     };
     for (name, unit, at, _, want) in &expected {
-        let (m, pts) = got.get(*name).unwrap_or_else(|| {
-            panic!(
-                "{name} not exported; have {:?}",
-                got.keys().collect::<Vec<_>>()
-            )
-        });
+        let (m, pts) =
+            got.get(*name).unwrap_or_else(|| panic!("{name} not exported; have {:?}", got.keys().collect::<Vec<_>>()));
         assert_eq!(m.unit, *unit, "{name} unit");
         assert!(!m.description.is_empty(), "{name} has a description");
-        let v = pts.get(at).unwrap_or_else(|| {
-            panic!(
-                "{name}{at:?} missing; have {:?}",
-                pts.keys().collect::<Vec<_>>()
-            )
-        });
+        let v =
+            pts.get(at).unwrap_or_else(|| panic!("{name}{at:?} missing; have {:?}", pts.keys().collect::<Vec<_>>()));
         assert!(same(v, want), "{name}{at:?}: got {v:?}, want {want:?}");
         for k in pts.keys().flat_map(|a| a.keys()) {
-            assert!(
-                !k.contains("run.id") && k != "trace_id",
-                "{name} carries a run id attribute"
-            );
+            assert!(!k.contains("run.id") && k != "trace_id", "{name} carries a run id attribute");
         }
     }
     // Cumulative temporality (2) on sums and histograms; monotonic counters.
@@ -736,19 +557,13 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
         Some(Data::Sum(s)) => assert!(!s.is_monotonic && s.aggregation_temporality == 2),
         d => panic!("active runs is an up-down counter, got {d:?}"),
     }
-    assert!(matches!(
-        got["business.process.last_success.time"].0.data,
-        Some(Data::Gauge(_))
-    ));
+    assert!(matches!(got["business.process.last_success.time"].0.data, Some(Data::Gauge(_))));
 
     // The same values on /metrics, in both formats.
     for om in [false, true] {
         let (text, e) = scrape(&srv, om).await;
         for (name, _, at, prom, want) in &expected {
-            let labels: Attrs = at
-                .iter()
-                .map(|(k, v)| (k.replace('.', "_"), v.clone()))
-                .collect();
+            let labels: Attrs = at.iter().map(|(k, v)| (k.replace('.', "_"), v.clone())).collect();
             let got = match want {
                 Point::Num(_) => Point::Num(
                     *e.samples
@@ -759,56 +574,23 @@ async fn catalogue_over_otlp_cumulative_and_on_prometheus() {
                     let count = e.samples[&(format!("{prom}_count"), labels.clone())];
                     let mut inf = labels.clone();
                     inf.insert("le".into(), "+Inf".into());
-                    assert_eq!(
-                        e.samples[&(format!("{prom}_bucket"), inf)],
-                        count,
-                        "{prom} +Inf bucket equals count"
-                    );
-                    Point::Hist {
-                        count: count as u64,
-                        sum: e.samples[&(format!("{prom}_sum"), labels.clone())],
-                    }
+                    assert_eq!(e.samples[&(format!("{prom}_bucket"), inf)], count, "{prom} +Inf bucket equals count");
+                    Point::Hist { count: count as u64, sum: e.samples[&(format!("{prom}_sum"), labels.clone())] }
                 }
             };
-            assert!(
-                same(&got, want),
-                "{prom}{labels:?}: got {got:?}, want {want:?}"
-            );
+            assert!(same(&got, want), "{prom}{labels:?}: got {got:?}, want {want:?}");
         }
         let family = |f: &str| e.types.get(f).cloned();
         if om {
-            assert_eq!(
-                family("business_process_runs_started").as_deref(),
-                Some("counter")
-            );
-            assert_eq!(
-                e.units
-                    .get("business_process_run_duration_seconds")
-                    .map(String::as_str),
-                Some("seconds")
-            );
+            assert_eq!(family("business_process_runs_started").as_deref(), Some("counter"));
+            assert_eq!(e.units.get("business_process_run_duration_seconds").map(String::as_str), Some("seconds"));
         } else {
-            assert_eq!(
-                family("business_process_runs_started_total").as_deref(),
-                Some("counter")
-            );
+            assert_eq!(family("business_process_runs_started_total").as_deref(), Some("counter"));
         }
-        assert_eq!(
-            family("business_process_run_duration_seconds").as_deref(),
-            Some("histogram")
-        );
-        assert_eq!(
-            family("business_process_runs_active").as_deref(),
-            Some("gauge")
-        );
-        assert_eq!(
-            family("business_process_last_success_time_seconds").as_deref(),
-            Some("gauge")
-        );
-        assert!(
-            !text.contains("r-1") && !text.contains("imp-1"),
-            "no run id in any label"
-        );
+        assert_eq!(family("business_process_run_duration_seconds").as_deref(), Some("histogram"));
+        assert_eq!(family("business_process_runs_active").as_deref(), Some("gauge"));
+        assert_eq!(family("business_process_last_success_time_seconds").as_deref(), Some("gauge"));
+        assert!(!text.contains("r-1") && !text.contains("imp-1"), "no run id in any label");
     }
     srv.stop().await;
 }
@@ -827,13 +609,8 @@ async fn delta_temporality_exports_increments() {
     let records = p(&[(P, "reconcile"), ("business.records.outcome", "processed")]);
     for (i, run) in ["d-1", "d-2"].into_iter().enumerate() {
         let e = g.clone();
-        tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, run, false))
-            .await
-            .unwrap();
-        srv.wait_run("reconcile", run, Duration::from_secs(5), |r| {
-            r["status"] == "succeeded"
-        })
-        .await;
+        tokio::task::spawn_blocking(move || send_span_run(e, Proto::Grpc, run, false)).await.unwrap();
+        srv.wait_run("reconcile", run, Duration::from_secs(5), |r| r["status"] == "succeeded").await;
         // Wait until the exported deltas add up to what has been sent so far.
         let want = (i + 1) as f64;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -844,21 +621,16 @@ async fn delta_temporality_exports_increments() {
                 .unwrap()
                 .iter()
                 .map(points)
-                .filter_map(
-                    |m| match get(&m, "business.process.runs.started", &started) {
-                        Some(Point::Num(v)) => Some(v),
-                        _ => None,
-                    },
-                )
+                .filter_map(|m| match get(&m, "business.process.runs.started", &started) {
+                    Some(Point::Num(v)) => Some(v),
+                    _ => None,
+                })
                 .sum();
             if total == want {
                 break;
             }
             assert!(total < want, "deltas add up to more than sent: {total}");
-            assert!(
-                Instant::now() < deadline,
-                "deltas did not reach {want}: {total}"
-            );
+            assert!(Instant::now() < deadline, "deltas did not reach {want}: {total}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -874,42 +646,25 @@ async fn delta_temporality_exports_increments() {
     };
     assert_eq!(sum("business.process.records", &records), 34.0);
     assert_eq!(
-        sum(
-            "business.process.run.duration",
-            &p(&[(P, "reconcile"), ("business.run.outcome", "succeeded")])
-        ),
+        sum("business.process.run.duration", &p(&[(P, "reconcile"), ("business.run.outcome", "succeeded")])),
         2.0
     );
     // No single export carries both starts: each interval reports its increment.
-    assert!(all
-        .iter()
-        .all(|m| get(m, "business.process.runs.started", &started)
-            .is_none_or(|v| v == Point::Num(1.0))));
+    assert!(all.iter().all(|m| get(m, "business.process.runs.started", &started).is_none_or(|v| v == Point::Num(1.0))));
     for m in &all {
-        for name in [
-            "business.process.runs.started",
-            "business.process.records",
-            "business.process.run.duration",
-        ] {
+        for name in ["business.process.runs.started", "business.process.records", "business.process.run.duration"] {
             if let Some((metric, _)) = m.get(name) {
                 assert_eq!(temporality(metric), 1, "{name} is delta");
             }
         }
         if let Some((metric, _)) = m.get("business.process.runs.active") {
-            assert_eq!(
-                temporality(metric),
-                2,
-                "up-down counters stay cumulative under delta preference"
-            );
+            assert_eq!(temporality(metric), 2, "up-down counters stay cumulative under delta preference");
         }
     }
     // /metrics stays cumulative whatever the OTLP temporality.
     let (_, e) = scrape(&srv, false).await;
     assert_eq!(
-        e.samples[&(
-            "business_process_runs_started_total".to_string(),
-            a(&[("business_process_name", "reconcile")])
-        )],
+        e.samples[&("business_process_runs_started_total".to_string(), a(&[("business_process_name", "reconcile")]))],
         2.0
     );
     srv.stop().await;

@@ -39,7 +39,8 @@ async fn spans_and_logs(proto: Proto) {
     let run = srv.wait_run("reconcile", "r-1", Duration::from_secs(5), |r| r["status"] == "failed").await;
     assert_eq!(run["counts"]["processed"], 17);
     assert_eq!(run["error"], "ledger unavailable");
-    let names: Vec<_> = run["milestones"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<_> =
+        run["milestones"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["fetched", "matched"]);
     assert_eq!(run["services"][0], "billing-worker");
     assert_eq!(run["trace_ids"].as_array().unwrap().len(), 1);

@@ -54,7 +54,18 @@ async fn sample_requests_become_runs_and_noise_is_discarded() {
 async fn counts_sum_across_batches_and_duplicates_do_not_count() {
     let srv = Server::start().await;
     let batch = |t: u64, k: i64| {
-        logs_json("svc", &[(t, "batch", vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.records.imported", n(k))])])
+        logs_json(
+            "svc",
+            &[(
+                t,
+                "batch",
+                vec![
+                    ("business.process.name", s("p")),
+                    ("business.run.id", s("r")),
+                    ("business.records.imported", n(k)),
+                ],
+            )],
+        )
     };
     let b1 = batch(T0, 10);
     let b2 = batch(T0 + 1, 5);
@@ -78,17 +89,46 @@ async fn counts_sum_across_batches_and_duplicates_do_not_count() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn milestones_in_time_order_and_terminal_status_not_undone() {
     let srv = Server::start().await;
-    let ms = |t: u64, m: &str| logs_json("svc", &[(t, m, vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.milestone", s(m))])]);
+    let ms = |t: u64, m: &str| {
+        logs_json(
+            "svc",
+            &[(
+                t,
+                m,
+                vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.milestone", s(m))],
+            )],
+        )
+    };
     // Delivered out of order.
     srv.post_json("/v1/logs", &ms(T0 + 3, "third")).await;
     srv.post_json("/v1/logs", &ms(T0 + 1, "first")).await;
     srv.post_json("/v1/logs", &ms(T0 + 2, "second")).await;
-    let end = logs_json("svc", &[(T0 + 10, "done", vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.run.status", s("succeeded"))])]);
+    let end = logs_json(
+        "svc",
+        &[(
+            T0 + 10,
+            "done",
+            vec![
+                ("business.process.name", s("p")),
+                ("business.run.id", s("r")),
+                ("business.run.status", s("succeeded")),
+            ],
+        )],
+    );
     srv.post_json("/v1/logs", &end).await;
     // Older signals arriving after the end: recorded, but do not reopen the run.
     let late = logs_json(
         "svc",
-        &[(T0 + 5, "late", vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.milestone", s("late-one")), ("business.run.status", s("failed"))])],
+        &[(
+            T0 + 5,
+            "late",
+            vec![
+                ("business.process.name", s("p")),
+                ("business.run.id", s("r")),
+                ("business.milestone", s("late-one")),
+                ("business.run.status", s("failed")),
+            ],
+        )],
     );
     srv.post_json("/v1/logs", &late).await;
     let run = srv.run("p", "r").await.unwrap();
@@ -102,10 +142,25 @@ async fn milestones_in_time_order_and_terminal_status_not_undone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_detection_and_recovery() {
     let srv = Server::start_with(|c| {
-        c.processes.insert("p".into(), bizsignal::config::ProcessExpectations { stall_after: Some(Duration::from_millis(400)), ..Default::default() });
+        c.processes.insert(
+            "p".into(),
+            bizsignal::config::ProcessExpectations {
+                stall_after: Some(Duration::from_millis(400)),
+                ..Default::default()
+            },
+        );
     })
     .await;
-    let sig = |t: u64| logs_json("svc", &[(t, "tick", vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.records.done", n(1))])]);
+    let sig = |t: u64| {
+        logs_json(
+            "svc",
+            &[(
+                t,
+                "tick",
+                vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.records.done", n(1))],
+            )],
+        )
+    };
     srv.post_json("/v1/logs", &sig(now())).await;
     assert_eq!(srv.run("p", "r").await.unwrap()["status"], "running");
     let run = srv.wait_run("p", "r", Duration::from_secs(5), |r| r["status"] == "stalled").await;
@@ -120,23 +175,39 @@ async fn stall_detection_and_recovery() {
 fn deadline_in(secs: i64) -> bizsignal::config::Deadline {
     let t = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(secs);
     let civil = t.to_zoned(jiff::tz::TimeZone::get("Europe/Berlin").unwrap()).time();
-    bizsignal::config::Deadline { time: format!("{:02}:{:02}:{:02}", civil.hour(), civil.minute(), civil.second()), timezone: "Europe/Berlin".into() }
+    bizsignal::config::Deadline {
+        time: format!("{:02}:{:02}:{:02}", civil.hour(), civil.minute(), civil.second()),
+        timezone: "Europe/Berlin".into(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_violation_with_and_without_a_run() {
     let srv = Server::start_with(|c| {
-        let exp = |secs| bizsignal::config::ProcessExpectations { deadline: Some(deadline_in(secs)), ..Default::default() };
+        let exp =
+            |secs| bizsignal::config::ProcessExpectations { deadline: Some(deadline_in(secs)), ..Default::default() };
         c.processes.insert("nightly".into(), exp(2));
         c.processes.insert("import".into(), exp(2));
     })
     .await;
     // "import" has a run that is still going at the deadline; "nightly" never started.
-    let start = logs_json("svc", &[(now(), "go", vec![("business.process.name", s("import")), ("business.run.id", s("i1")), ("business.run.status", s("started"))])]);
+    let start = logs_json(
+        "svc",
+        &[(
+            now(),
+            "go",
+            vec![
+                ("business.process.name", s("import")),
+                ("business.run.id", s("i1")),
+                ("business.run.status", s("started")),
+            ],
+        )],
+    );
     srv.post_json("/v1/logs", &start).await;
     let (_, procs) = srv.get("/api/v1/processes").await;
     assert!(procs["processes"].as_array().unwrap().iter().any(|p| p["name"] == "nightly" && p["latest_run"].is_null()));
-    let run = srv.wait_run("import", "i1", Duration::from_secs(6), |r| !r["violations"].as_array().unwrap().is_empty()).await;
+    let run =
+        srv.wait_run("import", "i1", Duration::from_secs(6), |r| !r["violations"].as_array().unwrap().is_empty()).await;
     assert_eq!(run["violations"][0]["rule"], "deadline");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -156,7 +227,10 @@ async fn deadline_violation_with_and_without_a_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expected_records_and_max_duration_violations() {
     let srv = Server::start_with(|c| {
-        let mut exp = bizsignal::config::ProcessExpectations { max_duration: Some(Duration::from_secs(60)), ..Default::default() };
+        let mut exp = bizsignal::config::ProcessExpectations {
+            max_duration: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
         exp.expected_records.insert("skipped".into(), bizsignal::config::RecordBounds { min: None, max: Some(5.0) });
         exp.expected_records.insert("imported".into(), bizsignal::config::RecordBounds { min: Some(100.0), max: None });
         c.processes.insert("p".into(), exp);
@@ -165,13 +239,31 @@ async fn expected_records_and_max_duration_violations() {
     let body = logs_json(
         "svc",
         &[
-            (T0, "a", vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.records.skipped", n(9))]),
-            (T0 + 120_000_000_000, "b", vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.records.imported", n(3)), ("business.run.status", s("succeeded"))]),
+            (
+                T0,
+                "a",
+                vec![
+                    ("business.process.name", s("p")),
+                    ("business.run.id", s("r")),
+                    ("business.records.skipped", n(9)),
+                ],
+            ),
+            (
+                T0 + 120_000_000_000,
+                "b",
+                vec![
+                    ("business.process.name", s("p")),
+                    ("business.run.id", s("r")),
+                    ("business.records.imported", n(3)),
+                    ("business.run.status", s("succeeded")),
+                ],
+            ),
         ],
     );
     srv.post_json("/v1/logs", &body).await;
     let run = srv.run("p", "r").await.unwrap();
-    let mut rules: Vec<_> = run["violations"].as_array().unwrap().iter().map(|v| v["rule"].as_str().unwrap().to_string()).collect();
+    let mut rules: Vec<_> =
+        run["violations"].as_array().unwrap().iter().map(|v| v["rule"].as_str().unwrap().to_string()).collect();
     rules.sort();
     assert_eq!(rules, ["expected_records.imported.min", "expected_records.skipped.max", "max_duration"]);
     srv.stop().await;
@@ -180,10 +272,28 @@ async fn expected_records_and_max_duration_violations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_run_preserves_counts_and_dedup() {
     let mut srv = Server::start().await;
-    let b = |t: u64, k: i64| logs_json("svc", &[(t, "b", vec![("business.process.name", s("p")), ("business.run.id", s("r")), ("business.records.imported", n(k)), ("business.milestone", s(&format!("m{t}")))])]);
+    let b = |t: u64, k: i64| {
+        logs_json(
+            "svc",
+            &[(
+                t,
+                "b",
+                vec![
+                    ("business.process.name", s("p")),
+                    ("business.run.id", s("r")),
+                    ("business.records.imported", n(k)),
+                    ("business.milestone", s(&format!("m{t}"))),
+                ],
+            )],
+        )
+    };
     let first = b(T0, 10);
     srv.post_json("/v1/logs", &first).await;
-    srv.post_json("/v1/traces", &fixture("reconciliation-trace.json").replace("\"key\": \"business.run.id\"", "\"key\": \"x.not-run-id\"")).await;
+    srv.post_json(
+        "/v1/traces",
+        &fixture("reconciliation-trace.json").replace("\"key\": \"business.run.id\"", "\"key\": \"x.not-run-id\""),
+    )
+    .await;
     srv.restart_with(|_| {}).await;
     // The duplicate from before the restart is still recognised.
     srv.post_json("/v1/logs", &first).await;
@@ -250,7 +360,12 @@ rules:
     let rules = bizsignal::config::Config::from_yaml(yaml, "t.yaml").unwrap().rules;
     let srv = Server::start_with(|c| c.rules = rules).await;
     // Strip business.* attributes so only the rules can classify.
-    let strip = |s: String| s.replace("\"business.process.name\"", "\"x.process\"").replace("\"business.milestone\"", "\"x.milestone\"").replace("\"business.note\"", "\"x.note\"").replace("\"business.run.id\"", "\"x.run\"");
+    let strip = |s: String| {
+        s.replace("\"business.process.name\"", "\"x.process\"")
+            .replace("\"business.milestone\"", "\"x.milestone\"")
+            .replace("\"business.note\"", "\"x.note\"")
+            .replace("\"business.run.id\"", "\"x.run\"")
+    };
     srv.post_json("/v1/traces", &strip(fixture("reconciliation-trace.json"))).await;
     srv.post_json("/v1/logs", &strip(fixture("import-progress-logs.json"))).await;
     let run = srv.run("ledger-export", "5b8efff798038103d269b633813fc60c").await.expect("rule-classified span run");
@@ -271,22 +386,38 @@ async fn run_listing_filters_and_paginates() {
     let mut recs = Vec::new();
     for i in 0..7u64 {
         let status = if i % 2 == 0 { "succeeded" } else { "failed" };
-        recs.push((T0 + i * 1000, "x", vec![("business.process.name", s(if i < 5 { "a" } else { "b" })), ("business.run.id", s(&format!("r{i}"))), ("business.run.status", s(status))]));
+        recs.push((
+            T0 + i * 1000,
+            "x",
+            vec![
+                ("business.process.name", s(if i < 5 { "a" } else { "b" })),
+                ("business.run.id", s(&format!("r{i}"))),
+                ("business.run.status", s(status)),
+            ],
+        ));
     }
     srv.post_json("/v1/logs", &logs_json("svc", &recs)).await;
     let (_, page) = srv.get("/api/v1/runs?limit=3").await;
-    let ids: Vec<_> = page["runs"].as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<_> =
+        page["runs"].as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids, ["r6", "r5", "r4"]);
     let cursor = page["next_cursor"].as_str().unwrap().to_string();
     let (_, page2) = srv.get(&format!("/api/v1/runs?limit=3&cursor={cursor}")).await;
-    let ids: Vec<_> = page2["runs"].as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<_> =
+        page2["runs"].as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids, ["r3", "r2", "r1"]);
     let (_, f) = srv.get("/api/v1/runs?process=a&status=failed").await;
     let ids: Vec<_> = f["runs"].as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids, ["r3", "r1"]);
     let (_, f) = srv.get("/api/v1/runs?since=2026-11-21T06:00:00.000004Z").await;
     assert_eq!(f["runs"].as_array().unwrap().len(), 3);
-    for bad in ["/api/v1/runs?limit=0", "/api/v1/runs?limit=abc", "/api/v1/runs?status=sleeping", "/api/v1/runs?since=yesterdayish", "/api/v1/runs?cursor=zz"] {
+    for bad in [
+        "/api/v1/runs?limit=0",
+        "/api/v1/runs?limit=abc",
+        "/api/v1/runs?status=sleeping",
+        "/api/v1/runs?since=yesterdayish",
+        "/api/v1/runs?cursor=zz",
+    ] {
         let (st, body) = srv.get(bad).await;
         assert_eq!(st, 400, "{bad}");
         assert!(body["error"].as_str().unwrap().len() > 10, "{bad}: {body}");

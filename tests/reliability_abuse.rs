@@ -18,23 +18,17 @@ use common::serve::ServeProcess as Proc;
 /// Peak resident memory allowed for the server under abuse.
 const RSS_BOUND_KIB: u64 = 256 * 1024;
 
-
 fn kv(k: &str, v: &str) -> KeyValue {
     KeyValue {
         key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
+        value: Some(AnyValue { value: Some(any_value::Value::StringValue(v.into())) }),
         ..Default::default()
     }
 }
 
 fn trace_request(attrs: Vec<KeyValue>, run: &str) -> Vec<u8> {
-    let mut attributes = vec![
-        kv("business.process.name", "abuse"),
-        kv("business.run.id", run),
-        kv("business.records.ok", "1"),
-    ];
+    let mut attributes =
+        vec![kv("business.process.name", "abuse"), kv("business.run.id", run), kv("business.records.ok", "1")];
     attributes.extend(attrs);
     let span = Span {
         trace_id: vec![7; 16],
@@ -47,10 +41,7 @@ fn trace_request(attrs: Vec<KeyValue>, run: &str) -> Vec<u8> {
     };
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: vec![span],
-                ..Default::default()
-            }],
+            scope_spans: vec![ScopeSpans { spans: vec![span], ..Default::default() }],
             ..Default::default()
         }],
     }
@@ -74,31 +65,21 @@ async fn post(c: &reqwest::Client, url: &str, ct: &str, gzip: bool, body: Vec<u8
         r = r.header("content-encoding", "gzip");
     }
     let resp = r.body(body).send().await.unwrap();
-    (
-        resp.status().as_u16(),
-        resp.headers().contains_key("retry-after"),
-    )
+    (resp.status().as_u16(), resp.headers().contains_key("retry-after"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_within_memory() {
     let dir = tempfile::tempdir().unwrap();
     let p = spawn(dir.path(), "pipeline: { tick: 100ms }\n");
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let traces = p.url("/v1/traces");
     let pb = "application/x-protobuf";
     let baseline = p.vm_hwm_kib();
 
     // 1 GiB gzip bomb: refused with 413 once inflation passes the 64 MiB limit.
     let bomb = gzip_bomb();
-    assert!(
-        bomb.len() < 2 << 20,
-        "bomb is {} bytes on the wire",
-        bomb.len()
-    );
+    assert!(bomb.len() < 2 << 20, "bomb is {} bytes on the wire", bomb.len());
     for _ in 0..3 {
         assert_eq!(post(&c, &traces, pb, true, bomb.clone()).await.0, 413);
     }
@@ -108,18 +89,8 @@ async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_withi
     let kinds: Vec<(&str, bool, Vec<u8>, &[u16])> = vec![
         (pb, false, vec![0xff; 64], &[400]),
         (pb, false, b"\x0a\x05abc".to_vec(), &[400]),
-        (
-            "application/json",
-            false,
-            b"{\"resourceSpans\": [".to_vec(),
-            &[400],
-        ),
-        (
-            "application/json",
-            false,
-            b"{\"resourceSpans\": 7}".to_vec(),
-            &[400],
-        ),
+        ("application/json", false, b"{\"resourceSpans\": [".to_vec(), &[400]),
+        ("application/json", false, b"{\"resourceSpans\": 7}".to_vec(), &[400]),
         (pb, true, b"not gzip at all".to_vec(), &[400]),
         ("text/plain", false, b"hello".to_vec(), &[415]),
         ("application/json", false, vec![b'['; 100_000], &[400]),
@@ -131,11 +102,7 @@ async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_withi
             for i in 0..625 {
                 let (ct, gz, body, ok) = &kinds[(t + i) % kinds.len()];
                 let (st, _) = post(&c, &url, ct, *gz, body.clone()).await;
-                assert!(
-                    ok.contains(&st),
-                    "malformed request kind {} answered {st}",
-                    (t + i) % kinds.len()
-                );
+                assert!(ok.contains(&st), "malformed request kind {} answered {st}", (t + i) % kinds.len());
             }
         }));
     }
@@ -153,13 +120,7 @@ async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_withi
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    let resp = c
-        .post(&traces)
-        .header("content-type", pb)
-        .body(trace_request(many, "many"))
-        .send()
-        .await
-        .unwrap();
+    let resp = c.post(&traces).header("content-type", pb).body(trace_request(many, "many")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let r = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::decode(
         resp.bytes().await.unwrap(),
@@ -173,26 +134,12 @@ async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_withi
 
     // 64 KiB attribute keys: the record is kept, the oversized key dropped.
     let long_key = "k".repeat(64 << 10);
-    assert_eq!(
-        post(
-            &c,
-            &traces,
-            pb,
-            false,
-            trace_request(vec![kv(&long_key, "v")], "longkey")
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(post(&c, &traces, pb, false, trace_request(vec![kv(&long_key, "v")], "longkey")).await.0, 200);
     // ... and a 64 KiB outcome name is an invalid record.
     let resp = c
         .post(&traces)
         .header("content-type", pb)
-        .body(trace_request(
-            vec![kv(&format!("business.records.{long_key}"), "1")],
-            "longoutcome",
-        ))
+        .body(trace_request(vec![kv(&format!("business.records.{long_key}"), "1")], "longoutcome"))
         .send()
         .await
         .unwrap();
@@ -204,20 +151,9 @@ async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_withi
     assert_eq!(r.partial_success.map(|p| p.rejected_spans), Some(1));
 
     // Still serving, correctly.
-    assert_eq!(
-        post(&c, &traces, pb, false, trace_request(vec![], "after"))
-            .await
-            .0,
-        200
-    );
-    let run: serde_json::Value = c
-        .get(format!("http://{}/api/v1/runs/abuse/longkey", p.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(post(&c, &traces, pb, false, trace_request(vec![], "after")).await.0, 200);
+    let run: serde_json::Value =
+        c.get(format!("http://{}/api/v1/runs/abuse/longkey", p.http)).send().await.unwrap().json().await.unwrap();
     assert_eq!(run["counts"]["ok"], 1);
     let peak = p.vm_hwm_kib();
     eprintln!(
@@ -226,24 +162,15 @@ async fn gzip_bomb_malformed_flood_huge_attributes_keep_the_server_serving_withi
         after_bomb / 1024,
         peak / 1024
     );
-    assert!(
-        peak < RSS_BOUND_KIB,
-        "peak RSS {peak} KiB over the bound of {RSS_BOUND_KIB} KiB"
-    );
+    assert!(peak < RSS_BOUND_KIB, "peak RSS {peak} KiB over the bound of {RSS_BOUND_KIB} KiB");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overload_gets_retryable_refusals_and_keeps_every_acknowledged_signal() {
     let dir = tempfile::tempdir().unwrap();
     // A tiny queue so that 64 concurrent clients are far above what it sustains.
-    let p = spawn(
-        dir.path(),
-        "pipeline: { queue_capacity: 2, max_batches_per_commit: 2, tick: 100ms }\n",
-    );
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let p = spawn(dir.path(), "pipeline: { queue_capacity: 2, max_batches_per_commit: 2, tick: 100ms }\n");
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let url = p.url("/v1/logs");
     let mut tasks = Vec::new();
     for w in 0..64u64 {
@@ -273,21 +200,16 @@ async fn overload_gets_retryable_refusals_and_keeps_every_acknowledged_signal() 
         acked += a;
         refused += r;
     }
-    let run: serde_json::Value = c
-        .get(format!("http://{}/api/v1/runs/overload/r", p.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let run: serde_json::Value =
+        c.get(format!("http://{}/api/v1/runs/overload/r", p.http)).send().await.unwrap().json().await.unwrap();
     let peak = p.vm_hwm_kib();
-    eprintln!("overload: {acked} acknowledged, {refused} refused with 429/503 + Retry-After, stored count {}, VmHWM {} MiB", run["counts"]["ok"], peak / 1024);
-    assert!(refused > 0, "overload produced no retryable refusals");
-    assert_eq!(
-        run["counts"]["ok"], acked,
-        "every acknowledged signal kept, nothing else counted"
+    eprintln!(
+        "overload: {acked} acknowledged, {refused} refused with 429/503 + Retry-After, stored count {}, VmHWM {} MiB",
+        run["counts"]["ok"],
+        peak / 1024
     );
+    assert!(refused > 0, "overload produced no retryable refusals");
+    assert_eq!(run["counts"]["ok"], acked, "every acknowledged signal kept, nothing else counted");
     assert!(peak < RSS_BOUND_KIB);
 }
 

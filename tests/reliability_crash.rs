@@ -42,31 +42,15 @@ struct Ledger {
 }
 
 async fn send(c: &reqwest::Client, url: &str, worker: usize, seq: u64) -> bool {
-    match c
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body(worker, seq))
-        .send()
-        .await
-    {
+    match c.post(url).header("content-type", "application/json").body(body(worker, seq)).send().await {
         Ok(r) => r.status().as_u16() == 200,
         Err(_) => false,
     }
 }
 
 /// Stored `seq` tags of one worker's run.
-async fn stored(
-    c: &reqwest::Client,
-    http: &str,
-    worker: usize,
-) -> (BTreeMap<String, usize>, serde_json::Value) {
-    let r = c
-        .get(format!(
-            "http://{http}/api/v1/runs/crash-test/w{worker}/events"
-        ))
-        .send()
-        .await
-        .unwrap();
+async fn stored(c: &reqwest::Client, http: &str, worker: usize) -> (BTreeMap<String, usize>, serde_json::Value) {
+    let r = c.get(format!("http://{http}/api/v1/runs/crash-test/w{worker}/events")).send().await.unwrap();
     let mut tags = BTreeMap::new();
     if r.status().as_u16() == 200 {
         let v: serde_json::Value = r.json().await.unwrap();
@@ -77,34 +61,20 @@ async fn stored(
             }
             let attrs = e["attributes"].to_string();
             if let Some(pos) = attrs.find(&format!("w{worker}-")) {
-                let tag: String = attrs[pos..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                    .collect();
+                let tag: String = attrs[pos..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
                 *tags.entry(tag).or_insert(0) += 1;
             }
         }
     }
-    let run = c
-        .get(format!("http://{http}/api/v1/runs/crash-test/w{worker}"))
-        .send()
-        .await
-        .unwrap();
-    let run = if run.status().as_u16() == 200 {
-        run.json().await.unwrap()
-    } else {
-        serde_json::Value::Null
-    };
+    let run = c.get(format!("http://{http}/api/v1/runs/crash-test/w{worker}")).send().await.unwrap();
+    let run = if run.status().as_u16() == 200 { run.json().await.unwrap() } else { serde_json::Value::Null };
     (tags, run)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_during_sustained_ingest_loses_nothing_acknowledged_and_counts_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
     let ledger = Arc::new(Mutex::new(Ledger {
         acked: vec![BTreeSet::new(); WORKERS],
         pending: vec![BTreeSet::new(); WORKERS],
@@ -120,7 +90,11 @@ async fn kill_9_during_sustained_ingest_loses_nothing_acknowledged_and_counts_no
             for w in 0..WORKERS {
                 let (tags, _) = stored(&c, &p.http, w).await;
                 for seq in &l.acked[w] {
-                    assert_eq!(tags.get(&format!("w{w}-{seq}")), Some(&1), "round {round}: acknowledged w{w}-{seq} missing or duplicated after kill -9");
+                    assert_eq!(
+                        tags.get(&format!("w{w}-{seq}")),
+                        Some(&1),
+                        "round {round}: acknowledged w{w}-{seq} missing or duplicated after kill -9"
+                    );
                 }
                 assert!(tags.values().all(|n| *n == 1), "a signal stored twice");
             }
@@ -130,19 +104,12 @@ async fn kill_9_during_sustained_ingest_loses_nothing_acknowledged_and_counts_no
             let (retry, resend): (Vec<_>, Vec<_>) = {
                 let l = ledger.lock().unwrap();
                 (
-                    (0..WORKERS)
-                        .flat_map(|w| l.pending[w].iter().map(move |s| (w, *s)))
-                        .collect(),
-                    (0..WORKERS)
-                        .flat_map(|w| l.acked[w].iter().step_by(7).map(move |s| (w, *s)))
-                        .collect(),
+                    (0..WORKERS).flat_map(|w| l.pending[w].iter().map(move |s| (w, *s))).collect(),
+                    (0..WORKERS).flat_map(|w| l.acked[w].iter().step_by(7).map(move |s| (w, *s))).collect(),
                 )
             };
             for (w, seq) in retry.iter().chain(&resend) {
-                assert!(
-                    send(&c, &url, *w, *seq).await,
-                    "retry after restart refused"
-                );
+                assert!(send(&c, &url, *w, *seq).await, "retry after restart refused");
                 let mut l = ledger.lock().unwrap();
                 l.pending[*w].remove(seq);
                 l.acked[*w].insert(*seq);
@@ -153,22 +120,19 @@ async fn kill_9_during_sustained_ingest_loses_nothing_acknowledged_and_counts_no
                 let (tags, run) = stored(&c, &p.http, w).await;
                 let l = ledger.lock().unwrap();
                 let expected = l.next[w] as usize;
-                assert_eq!(
-                    l.acked[w].len(),
-                    expected,
-                    "every request eventually acknowledged"
-                );
+                assert_eq!(l.acked[w].len(), expected, "every request eventually acknowledged");
                 assert_eq!(tags.len(), expected, "w{w}: stored distinct signals");
-                assert!(
-                    tags.values().all(|n| *n == 1),
-                    "w{w}: a signal stored twice"
-                );
+                assert!(tags.values().all(|n| *n == 1), "w{w}: a signal stored twice");
                 assert_eq!(run["counts"]["imported"], expected as u64, "w{w}: counts");
                 assert_eq!(run["signal_count"], expected as u64, "w{w}: signal_count");
                 acked_total += l.acked[w].len();
                 stored_total += tags.len();
             }
-            report.push(format!("final: {acked_total} signals acknowledged, {stored_total} stored, {} retried, {} re-sent duplicates", retry.len(), resend.len()));
+            report.push(format!(
+                "final: {acked_total} signals acknowledged, {stored_total} stored, {} retried, {} re-sent duplicates",
+                retry.len(),
+                resend.len()
+            ));
             break;
         }
         // Sustained ingest; kill -9 while the workers are still sending.

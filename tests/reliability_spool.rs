@@ -34,9 +34,26 @@ async fn full_spool_refuses_retryably_and_restart_replays_exactly_once() {
     for i in 0..200 {
         let body = logs_json(
             "importer",
-            &[(now(), "step", vec![("business.process.name", s("import")), ("business.run.id", s("full")), ("business.records.ok", n(1)), ("business.payload", s(&big)), ("business.milestone", s(&format!("m{i}")))])],
+            &[(
+                now(),
+                "step",
+                vec![
+                    ("business.process.name", s("import")),
+                    ("business.run.id", s("full")),
+                    ("business.records.ok", n(1)),
+                    ("business.payload", s(&big)),
+                    ("business.milestone", s(&format!("m{i}"))),
+                ],
+            )],
         );
-        let r = srv.http.post(srv.otlp_http("/v1/logs")).header("content-type", "application/json").body(body).send().await.unwrap();
+        let r = srv
+            .http
+            .post(srv.otlp_http("/v1/logs"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         match r.status().as_u16() {
             200 => acked.push(i),
             503 | 429 => {
@@ -70,7 +87,9 @@ async fn full_spool_refuses_retryably_and_restart_replays_exactly_once() {
     let want = acked.len() as f64;
     let run = srv.wait_run("import", "full", Duration::from_secs(30), |v| v["counts"]["ok"] == want).await;
     assert_eq!(run["signal_count"], acked.len() as u64, "{run}");
-    let q = format!("SELECT count(), uniqExact(event_id) FROM {db}.business_events WHERE run_id = 'full' AND kind = 'records'");
+    let q = format!(
+        "SELECT count(), uniqExact(event_id) FROM {db}.business_events WHERE run_id = 'full' AND kind = 'records'"
+    );
     assert_eq!(chs.tsv(&q).await.trim(), format!("{0}\t{0}", acked.len()), "every acknowledged signal exactly once");
     srv.stop().await;
 }

@@ -14,48 +14,26 @@ const T0: i64 = 1_795_000_000_000_000_000;
 fn fact() -> impl Strategy<Value = Fact> {
     let names = prop::sample::select(vec!["a", "b", "c"]);
     prop_oneof![
-        (names.clone(), 0u32..1000).prop_map(|(o, c)| Fact::Records {
-            outcome: o.to_string(),
-            count: c as f64
-        }),
+        (names.clone(), 0u32..1000).prop_map(|(o, c)| Fact::Records { outcome: o.to_string(), count: c as f64 }),
         (0u32..1000).prop_map(|v| Fact::ProgressDone(v as f64)),
         (0u32..1000).prop_map(|v| Fact::ProgressTotal(v as f64)),
-        names
-            .clone()
-            .prop_map(|m| Fact::Milestone(format!("m-{m}"))),
+        names.clone().prop_map(|m| Fact::Milestone(format!("m-{m}"))),
         (0u32..5).prop_map(|n| Fact::Note(format!("note {n}"))),
         (0u32..5).prop_map(|n| Fact::Payload(format!("{{\"n\":{n}}}"))),
-        (names, 0u32..100).prop_map(|(n, v)| Fact::Value {
-            name: n.to_string(),
-            value: v as f64
-        }),
-        (
-            prop::bool::ANY,
-            prop::option::of(prop::sample::select(vec!["disk full", "timeout"]))
-        )
-            .prop_map(|(ok, e)| Fact::Status {
-                status: if ok {
-                    LifecycleStatus::Succeeded
-                } else {
-                    LifecycleStatus::Failed
-                },
+        (names, 0u32..100).prop_map(|(n, v)| Fact::Value { name: n.to_string(), value: v as f64 }),
+        (prop::bool::ANY, prop::option::of(prop::sample::select(vec!["disk full", "timeout"]))).prop_map(|(ok, e)| {
+            Fact::Status {
+                status: if ok { LifecycleStatus::Succeeded } else { LifecycleStatus::Failed },
                 error: if ok { None } else { e.map(str::to_string) },
-            }),
-        Just(Fact::Status {
-            status: LifecycleStatus::Started,
-            error: None
+            }
         }),
+        Just(Fact::Status { status: LifecycleStatus::Started, error: None }),
     ]
 }
 
 fn signal() -> impl Strategy<Value = (i64, i64, Vec<Fact>, u8)> {
     // Few distinct times, so equal-time ties are exercised.
-    (
-        0i64..6,
-        0i64..3,
-        prop::collection::vec(fact(), 0..4),
-        0u8..3,
-    )
+    (0i64..6, 0i64..3, prop::collection::vec(fact(), 0..4), 0u8..3)
 }
 
 fn build(specs: Vec<(i64, i64, Vec<Fact>, u8)>) -> Vec<Signal> {
@@ -82,10 +60,7 @@ fn build(specs: Vec<(i64, i64, Vec<Fact>, u8)>) -> Vec<Signal> {
 }
 
 fn key() -> RunKey {
-    RunKey {
-        process: "p".into(),
-        run_id: "r".into(),
-    }
+    RunKey { process: "p".into(), run_id: "r".into() }
 }
 
 /// Folds deliveries the way the tracker does: a signal id is applied once.

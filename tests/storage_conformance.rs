@@ -20,21 +20,10 @@ fn T0() -> i64 {
 }
 const S: i64 = 1_000_000_000;
 
-fn sig(
-    id: u128,
-    process: &str,
-    run_id: Option<&str>,
-    trace: &str,
-    t: i64,
-    facts: Vec<Fact>,
-) -> Signal {
+fn sig(id: u128, process: &str, run_id: Option<&str>, trace: &str, t: i64, facts: Vec<Fact>) -> Signal {
     Signal {
         id,
-        kind: if id % 2 == 0 {
-            SignalKind::Span
-        } else {
-            SignalKind::Log
-        },
+        kind: if id % 2 == 0 { SignalKind::Span } else { SignalKind::Log },
         process: process.into(),
         run_id: run_id.map(str::to_string),
         trace_id: trace.into(),
@@ -62,10 +51,7 @@ fn fold(run: &mut ProcessRun, signals: &[Signal]) -> WriteBatch {
 }
 
 fn key(p: &str, r: &str) -> RunKey {
-    RunKey {
-        process: p.into(),
-        run_id: r.into(),
-    }
+    RunKey { process: p.into(), run_id: r.into() }
 }
 
 fn write(store: &dyn Store, b: &WriteBatch) {
@@ -84,13 +70,7 @@ pub fn suite(store: &dyn Store) {
             Some("r1"),
             "t1",
             T0(),
-            vec![
-                Fact::Status {
-                    status: LifecycleStatus::Started,
-                    error: None,
-                },
-                Fact::ProgressTotal(100.0),
-            ],
+            vec![Fact::Status { status: LifecycleStatus::Started, error: None }, Fact::ProgressTotal(100.0)],
         ),
         sig(
             3,
@@ -99,10 +79,7 @@ pub fn suite(store: &dyn Store) {
             "t1",
             T0() + S,
             vec![
-                Fact::Records {
-                    outcome: "ok".into(),
-                    count: 10.0,
-                },
+                Fact::Records { outcome: "ok".into(), count: 10.0 },
                 Fact::ProgressDone(10.0),
                 Fact::Milestone("parsed".into()),
             ],
@@ -115,28 +92,15 @@ pub fn suite(store: &dyn Store) {
             T0() + 3 * S,
             vec![
                 Fact::Note("half way".into()),
-                Fact::Value {
-                    name: "amount".into(),
-                    value: 12.5,
-                },
+                Fact::Value { name: "amount".into(), value: 12.5 },
                 Fact::Payload("{\"x\":1}".into()),
             ],
         ),
     ];
     write(store, &fold(&mut run, &first));
+    assert_eq!(store.get_run(&k).unwrap().as_ref(), Some(&run), "run after the first commit");
     assert_eq!(
-        store.get_run(&k).unwrap().as_ref(),
-        Some(&run),
-        "run after the first commit"
-    );
-    assert_eq!(
-        store
-            .load_open_runs()
-            .unwrap()
-            .iter()
-            .filter(|r| r.process == "import")
-            .cloned()
-            .collect::<Vec<_>>(),
+        store.load_open_runs().unwrap().iter().filter(|r| r.process == "import").cloned().collect::<Vec<_>>(),
         vec![run.clone()]
     );
     let second = vec![
@@ -147,19 +111,10 @@ pub fn suite(store: &dyn Store) {
             "t1",
             T0() + 4 * S,
             vec![
-                Fact::Records {
-                    outcome: "ok".into(),
-                    count: 5.0,
-                },
-                Fact::Records {
-                    outcome: "skipped".into(),
-                    count: 2.0,
-                },
+                Fact::Records { outcome: "ok".into(), count: 5.0 },
+                Fact::Records { outcome: "skipped".into(), count: 2.0 },
                 Fact::ProgressDone(100.0),
-                Fact::Value {
-                    name: "amount".into(),
-                    value: 20.0,
-                },
+                Fact::Value { name: "amount".into(), value: 20.0 },
             ],
         ),
         sig(
@@ -168,13 +123,7 @@ pub fn suite(store: &dyn Store) {
             Some("r1"),
             "t1",
             T0() + 5 * S,
-            vec![
-                Fact::Milestone("loaded".into()),
-                Fact::Status {
-                    status: LifecycleStatus::Succeeded,
-                    error: None,
-                },
-            ],
+            vec![Fact::Milestone("loaded".into()), Fact::Status { status: LifecycleStatus::Succeeded, error: None }],
         ),
     ];
     let b2 = fold(&mut run, &second);
@@ -183,36 +132,19 @@ pub fn suite(store: &dyn Store) {
     assert_eq!(got, run, "run after the second commit");
     assert_eq!(got.status, RunStatus::Succeeded);
     assert_eq!(got.counts.get("ok"), Some(&15.0));
-    assert!(
-        store
-            .load_open_runs()
-            .unwrap()
-            .iter()
-            .all(|r| r.process != "import"),
-        "an ended run is not open"
-    );
+    assert!(store.load_open_runs().unwrap().iter().all(|r| r.process != "import"), "an ended run is not open");
 
     // Events in time order; a re-written batch changes nothing.
     let events = store.run_events(&k, 1000).unwrap();
     let n_events: usize = first.iter().chain(&second).map(|s| s.facts.len() + 1).sum();
     assert_eq!(events.len(), n_events);
-    assert!(events
-        .windows(2)
-        .all(|w| (w[0].time_ns, &w[0].event_id) <= (w[1].time_ns, &w[1].event_id)));
+    assert!(events.windows(2).all(|w| (w[0].time_ns, &w[0].event_id) <= (w[1].time_ns, &w[1].event_id)));
     let mut ids = store.signal_ids(&k).unwrap();
     ids.sort();
     assert_eq!(ids, vec![2, 3, 5, 7, 8]);
     write(store, &b2);
-    assert_eq!(
-        store.run_events(&k, 1000).unwrap().len(),
-        n_events,
-        "re-write is idempotent"
-    );
-    assert_eq!(
-        store.get_run(&k).unwrap().unwrap(),
-        run,
-        "re-write leaves the run alone"
-    );
+    assert_eq!(store.run_events(&k, 1000).unwrap().len(), n_events, "re-write is idempotent");
+    assert_eq!(store.get_run(&k).unwrap().unwrap(), run, "re-write leaves the run alone");
     assert_eq!(store.run_events(&k, 3).unwrap().len(), 3, "limit");
 
     // Paging and filters.
@@ -220,38 +152,21 @@ pub fn suite(store: &dyn Store) {
     for i in 0..5i64 {
         let k = key("paged", &format!("p{i}"));
         let mut r = ProcessRun::new(&k, T0());
-        let mut facts = vec![Fact::Records {
-            outcome: "ok".into(),
-            count: i as f64 + 1.0,
-        }];
+        let mut facts = vec![Fact::Records { outcome: "ok".into(), count: i as f64 + 1.0 }];
         if i % 2 == 0 {
-            facts.push(Fact::Status {
-                status: LifecycleStatus::Failed,
-                error: Some("boom".into()),
-            });
+            facts.push(Fact::Status { status: LifecycleStatus::Failed, error: Some("boom".into()) });
         }
         write(
             store,
             &fold(
                 &mut r,
-                &[sig(
-                    100 + i as u128 * 2,
-                    "paged",
-                    Some(&k.run_id),
-                    &format!("tp{i}"),
-                    T0() + i * 60 * S,
-                    facts,
-                )],
+                &[sig(100 + i as u128 * 2, "paged", Some(&k.run_id), &format!("tp{i}"), T0() + i * 60 * S, facts)],
             ),
         );
         all.push(r);
     }
     all.reverse();
-    let mut page = RunQuery {
-        process: Some("paged".into()),
-        limit: 2,
-        ..Default::default()
-    };
+    let mut page = RunQuery { process: Some("paged".into()), limit: 2, ..Default::default() };
     let mut seen = Vec::new();
     loop {
         let (runs, next) = store.list_runs(&page).unwrap();
@@ -270,42 +185,22 @@ pub fn suite(store: &dyn Store) {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(
-        failed.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(),
-        vec!["p4", "p2", "p0"]
-    );
+    assert_eq!(failed.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), vec!["p4", "p2", "p0"]);
     assert_eq!(failed[0].error(), Some("boom"));
-    let (since, _) = store
-        .list_runs(&RunQuery {
-            since_ns: Some(T0() + 180 * S),
-            limit: 10,
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(
-        since.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(),
-        vec!["p4", "p3"]
-    );
+    let (since, _) =
+        store.list_runs(&RunQuery { since_ns: Some(T0() + 180 * S), limit: 10, ..Default::default() }).unwrap();
+    assert_eq!(since.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), vec!["p4", "p3"]);
 
     // Aliases: the first wins.
     write(
         store,
-        &WriteBatch {
-            aliases: vec![("orders".into(), "trace-a".into(), "order-1".into())],
-            ..Default::default()
-        },
+        &WriteBatch { aliases: vec![("orders".into(), "trace-a".into(), "order-1".into())], ..Default::default() },
     );
     write(
         store,
-        &WriteBatch {
-            aliases: vec![("orders".into(), "trace-a".into(), "order-2".into())],
-            ..Default::default()
-        },
+        &WriteBatch { aliases: vec![("orders".into(), "trace-a".into(), "order-2".into())], ..Default::default() },
     );
-    assert_eq!(
-        store.alias("orders", "trace-a").unwrap().as_deref(),
-        Some("order-1")
-    );
+    assert_eq!(store.alias("orders", "trace-a").unwrap().as_deref(), Some("order-1"));
     assert_eq!(store.alias("orders", "trace-b").unwrap(), None);
 
     // A trace-keyed run merged into a named run.
@@ -315,17 +210,7 @@ pub fn suite(store: &dyn Store) {
         store,
         &fold(
             &mut traced,
-            &[sig(
-                201,
-                "orders",
-                None,
-                "trace-m",
-                T0(),
-                vec![Fact::Records {
-                    outcome: "ok".into(),
-                    count: 3.0,
-                }],
-            )],
+            &[sig(201, "orders", None, "trace-m", T0(), vec![Fact::Records { outcome: "ok".into(), count: 3.0 }])],
         ),
     );
     assert!(store.get_run(&tk).unwrap().is_some());
@@ -337,58 +222,29 @@ pub fn suite(store: &dyn Store) {
         Some("order-9"),
         "trace-m",
         T0() + S,
-        vec![Fact::Records {
-            outcome: "ok".into(),
-            count: 4.0,
-        }],
+        vec![Fact::Records { outcome: "ok".into(), count: 4.0 }],
     );
     named.apply(&s2, T0());
     named.merge(&traced);
-    let mut mb = WriteBatch {
-        events: s2.to_events("order-9"),
-        runs: vec![named.clone()],
-        ..Default::default()
-    };
+    let mut mb = WriteBatch { events: s2.to_events("order-9"), runs: vec![named.clone()], ..Default::default() };
     mb.merges.push((tk.clone(), "order-9".into()));
-    mb.aliases
-        .push(("orders".into(), "trace-m".into(), "order-9".into()));
+    mb.aliases.push(("orders".into(), "trace-m".into(), "order-9".into()));
     write(store, &mb);
-    assert_eq!(
-        store.get_run(&tk).unwrap(),
-        None,
-        "the trace-keyed run is gone"
-    );
+    assert_eq!(store.get_run(&tk).unwrap(), None, "the trace-keyed run is gone");
     assert_eq!(store.run_events(&tk, 100).unwrap().len(), 0);
     let merged = store.get_run(&nk).unwrap().unwrap();
     assert_eq!(merged.counts.get("ok"), Some(&7.0));
     assert_eq!(merged, named);
-    assert_eq!(
-        store.run_events(&nk, 100).unwrap().len(),
-        4,
-        "moved events plus new ones"
-    );
+    assert_eq!(store.run_events(&nk, 100).unwrap().len(), 4, "moved events plus new ones");
     let mut ids = store.signal_ids(&nk).unwrap();
     ids.sort();
     assert_eq!(ids, vec![201, 203]);
 
     // Process violations and the board.
-    let v = Violation {
-        rule: "deadline".into(),
-        message: "no successful run by 06:00".into(),
-        at_ns: T0() + 9 * S,
-    };
-    write(
-        store,
-        &WriteBatch {
-            process_violations: vec![("nightly".into(), v.clone())],
-            ..Default::default()
-        },
-    );
+    let v = Violation { rule: "deadline".into(), message: "no successful run by 06:00".into(), at_ns: T0() + 9 * S };
+    write(store, &WriteBatch { process_violations: vec![("nightly".into(), v.clone())], ..Default::default() });
     let procs = store.list_processes().unwrap();
-    assert_eq!(
-        procs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
-        vec!["import", "nightly", "orders", "paged"]
-    );
+    assert_eq!(procs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["import", "nightly", "orders", "paged"]);
     let nightly = &procs[1];
     assert_eq!(nightly.violations, vec![v]);
     assert!(nightly.latest_run.is_none());
@@ -397,10 +253,7 @@ pub fn suite(store: &dyn Store) {
     assert_eq!(import.last_success_at_ns, run.ended_at_ns());
     assert_eq!(import.active_runs, 0);
     assert_eq!(procs[3].active_runs, 2);
-    assert_eq!(
-        procs[3].latest_run.as_ref().map(|r| r.run_id.as_str()),
-        Some("p4")
-    );
+    assert_eq!(procs[3].latest_run.as_ref().map(|r| r.run_id.as_str()), Some("p4"));
     let mut ls = store.last_successes().unwrap();
     ls.sort();
     assert_eq!(ls, vec![("import".to_string(), run.ended_at_ns().unwrap())]);
@@ -419,13 +272,7 @@ fn clickhouse_conforms() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = ch.config(&common::chdb::unique_db("conf"));
-    let store: Arc<ClickHouseStore> = Arc::new(
-        rt.block_on(ClickHouseStore::open(
-            &cfg,
-            dir.path(),
-            Arc::new(Default::default()),
-        ))
-        .unwrap(),
-    );
+    let store: Arc<ClickHouseStore> =
+        Arc::new(rt.block_on(ClickHouseStore::open(&cfg, dir.path(), Arc::new(Default::default()))).unwrap());
     suite(store.as_ref());
 }

@@ -87,7 +87,10 @@ impl EventsIntake {
         let run_id = name(&e.run_id, "run_id", l)?;
         let mut facts = Vec::new();
         for (outcome, v) in &e.records {
-            facts.push(Fact::Records { outcome: name(outcome, "records outcome", l)?, count: num(v, &format!("records.{outcome}"), l)? });
+            facts.push(Fact::Records {
+                outcome: name(outcome, "records outcome", l)?,
+                count: num(v, &format!("records.{outcome}"), l)?,
+            });
         }
         if let Some(p) = &e.progress {
             if let Some(d) = &p.done {
@@ -114,7 +117,8 @@ impl EventsIntake {
             facts.push(Fact::Payload(text));
         }
         if let Some(s) = &e.status {
-            let status = LifecycleStatus::parse(s).ok_or_else(|| format!("status must be started, succeeded or failed, got {s:?}"))?;
+            let status = LifecycleStatus::parse(s)
+                .ok_or_else(|| format!("status must be started, succeeded or failed, got {s:?}"))?;
             let error = e.error.clone().filter(|_| status == LifecycleStatus::Failed);
             facts.push(Fact::Status { status, error });
         }
@@ -122,7 +126,10 @@ impl EventsIntake {
             return Err("give at least one of records, progress, milestone, note, payload, status".into());
         }
         let time = match &e.time {
-            Some(t) => t.parse::<jiff::Timestamp>().map_err(|_| format!("time must be an RFC 3339 timestamp, got {t:?}"))?.as_nanosecond() as i64,
+            Some(t) => t
+                .parse::<jiff::Timestamp>()
+                .map_err(|_| format!("time must be an RFC 3339 timestamp, got {t:?}"))?
+                .as_nanosecond() as i64,
             None => now,
         };
         // With an event_id a retry is recognised; without one every POST counts.
@@ -160,7 +167,8 @@ impl EventsIntake {
 pub async fn post_event(State(api): State<super::ApiState>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.starts_with("application/json") {
-        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, Json(json!({"error": "send Content-Type: application/json"}))).into_response();
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, Json(json!({"error": "send Content-Type: application/json"})))
+            .into_response();
     }
     let s = &api.events;
     crate::metrics::SelfMetrics::add(&s.intake.metrics.events_received, 1);
@@ -174,9 +182,15 @@ pub async fn post_event(State(api): State<super::ApiState>, headers: axum::http:
     let c = Classified { signals: vec![signal], ..Default::default() };
     match s.intake.submit(c).await {
         Ok(a) if a.rejected > 0 => bad(a.message),
-        Ok(a) => (StatusCode::OK, Json(json!({"stored": a.stored == 1, "duplicate": a.duplicates == 1}))).into_response(),
+        Ok(a) => {
+            (StatusCode::OK, Json(json!({"stored": a.stored == 1, "duplicate": a.duplicates == 1}))).into_response()
+        }
         Err(e) => {
-            let status = if matches!(e, crate::runs::tracker::SubmitError::Busy) { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if matches!(e, crate::runs::tracker::SubmitError::Busy) {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             let mut r = (status, Json(json!({"error": e.to_string()}))).into_response();
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s.retry_after.as_secs().max(1)));
             r

@@ -42,23 +42,18 @@ pub fn status(s: RunStatus) -> pb::RunStatus {
 
 fn violations(v: &[Violation]) -> Vec<pb::Violation> {
     v.iter()
-        .map(|v| pb::Violation {
-            rule: v.rule.clone(),
-            message: v.message.clone(),
-            at_unix_nano: v.at_ns,
-        })
+        .map(|v| pb::Violation { rule: v.rule.clone(), message: v.message.clone(), at_unix_nano: v.at_ns })
         .collect()
 }
 
 /// A run in full, as every RPC returns it.
 pub fn run(r: &ProcessRun, now: i64) -> pb::Run {
-    let progress =
-        (r.progress_done.is_some() || r.progress_total.is_some()).then(|| pb::Progress {
-            done: r.progress_done.as_ref().map(|s| s.value),
-            total: r.progress_total.as_ref().map(|s| s.value),
-            ratio: r.progress_ratio(),
-            eta_unix_nano: r.eta_ns(),
-        });
+    let progress = (r.progress_done.is_some() || r.progress_total.is_some()).then(|| pb::Progress {
+        done: r.progress_done.as_ref().map(|s| s.value),
+        total: r.progress_total.as_ref().map(|s| s.value),
+        ratio: r.progress_ratio(),
+        eta_unix_nano: r.eta_ns(),
+    });
     pb::Run {
         process: r.process.clone(),
         run_id: r.run_id.clone(),
@@ -72,27 +67,10 @@ pub fn run(r: &ProcessRun, now: i64) -> pb::Run {
         milestones: r
             .milestones
             .iter()
-            .map(|m| pb::Milestone {
-                name: m.name.clone(),
-                at_unix_nano: m.at_ns,
-            })
+            .map(|m| pb::Milestone { name: m.name.clone(), at_unix_nano: m.at_ns })
             .collect(),
-        notes: r
-            .notes
-            .iter()
-            .map(|n| pb::Note {
-                at_unix_nano: n.at_ns,
-                text: n.text.clone(),
-            })
-            .collect(),
-        payloads: r
-            .payloads
-            .iter()
-            .map(|p| pb::Payload {
-                at_unix_nano: p.at_ns,
-                json: p.json.clone(),
-            })
-            .collect(),
+        notes: r.notes.iter().map(|n| pb::Note { at_unix_nano: n.at_ns, text: n.text.clone() }).collect(),
+        payloads: r.payloads.iter().map(|p| pb::Payload { at_unix_nano: p.at_ns, json: p.json.clone() }).collect(),
         violations: violations(&r.violations),
         trace_ids: r.trace_ids.iter().cloned().collect(),
         services: r.services.iter().cloned().collect(),
@@ -127,10 +105,8 @@ impl QueryApi {
     /// only, so REST keeps its own 404s), to merge with the REST router.
     pub fn router(self) -> axum::Router {
         use tonic::server::NamedService;
-        axum::Router::new().route_service(
-            &format!("/{}/{{*rest}}", QueryServiceServer::<QueryApi>::NAME),
-            self.into_service(),
-        )
+        axum::Router::new()
+            .route_service(&format!("/{}/{{*rest}}", QueryServiceServer::<QueryApi>::NAME), self.into_service())
     }
 }
 
@@ -138,8 +114,7 @@ fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-type WatchStream =
-    Pin<Box<dyn futures_util::Stream<Item = Result<pb::RunChange, Status>> + Send + 'static>>;
+type WatchStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::RunChange, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl pb::query_service_server::QueryService for QueryApi {
@@ -149,15 +124,10 @@ impl pb::query_service_server::QueryService for QueryApi {
     ) -> Result<Response<pb::ListProcessesResponse>, Status> {
         let now = crate::now_ns();
         let list = self.queries.processes().await?;
-        Ok(Response::new(pb::ListProcessesResponse {
-            processes: list.iter().map(|p| process(p, now)).collect(),
-        }))
+        Ok(Response::new(pb::ListProcessesResponse { processes: list.iter().map(|p| process(p, now)).collect() }))
     }
 
-    async fn list_runs(
-        &self,
-        req: Request<pb::ListRunsRequest>,
-    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+    async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
         let r = req.into_inner();
         let status = match pb::RunStatus::try_from(r.status) {
             Ok(pb::RunStatus::Unspecified) => None,
@@ -166,10 +136,7 @@ impl pb::query_service_server::QueryService for QueryApi {
             Ok(pb::RunStatus::Failed) => Some("failed"),
             Ok(pb::RunStatus::Stalled) => Some("stalled"),
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "status must be a RunStatus value, got {}",
-                    r.status
-                )))
+                return Err(Status::invalid_argument(format!("status must be a RunStatus value, got {}", r.status)))
             }
         };
         let q = RunsRequest {
@@ -192,41 +159,24 @@ impl pb::query_service_server::QueryService for QueryApi {
         if r.process.is_empty() || r.run_id.is_empty() {
             return Err(Status::invalid_argument("process and run_id are required"));
         }
-        let found = self
-            .queries
-            .run(RunKey {
-                process: r.process,
-                run_id: r.run_id,
-            })
-            .await?;
+        let found = self.queries.run(RunKey { process: r.process, run_id: r.run_id }).await?;
         Ok(Response::new(run(&found, crate::now_ns())))
     }
 
     type WatchRunsStream = WatchStream;
 
-    async fn watch_runs(
-        &self,
-        req: Request<pb::WatchRunsRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
+    async fn watch_runs(&self, req: Request<pb::WatchRunsRequest>) -> Result<Response<WatchStream>, Status> {
         let process = non_empty(req.into_inner().process);
         let changes = self.queries.watch(process).map(|r| {
             Ok(match r {
-                Ok(after) => pb::RunChange {
-                    run: Some(run(&after, crate::now_ns())),
-                    resync: false,
-                    missed: 0,
-                },
-                Err(missed) => pb::RunChange {
-                    run: None,
-                    resync: true,
-                    missed,
-                },
+                Ok(after) => pb::RunChange { run: Some(run(&after, crate::now_ns())), resync: false, missed: 0 },
+                Err(missed) => pb::RunChange { run: None, resync: true, missed },
             })
         });
         // The changes end at shutdown (or if the tracker goes away): say so.
-        let stream = changes.chain(futures_util::stream::once(std::future::ready(Err(
-            Status::unavailable("bizsignal is shutting down"),
-        ))));
+        let stream = changes.chain(futures_util::stream::once(std::future::ready(Err(Status::unavailable(
+            "bizsignal is shutting down",
+        )))));
         Ok(Response::new(Box::pin(stream)))
     }
 }

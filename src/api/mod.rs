@@ -81,26 +81,38 @@ impl RunsRequest {
             process: given(&self.process),
             status: match given(&self.status) {
                 None => None,
-                Some(x) => Some(RunStatus::parse(&x).ok_or_else(|| ApiError::BadRequest(format!("status must be running, succeeded, failed or stalled, got {x:?}")))?),
+                Some(x) => Some(RunStatus::parse(&x).ok_or_else(|| {
+                    ApiError::BadRequest(format!("status must be running, succeeded, failed or stalled, got {x:?}"))
+                })?),
             },
             since_ns: given(&self.since).map(|x| parse_since(&x, now)).transpose()?,
             limit: match given(&self.limit) {
                 None => DEFAULT_LIMIT,
                 Some(x) => match x.parse::<usize>() {
                     Ok(n @ 1..=MAX_LIMIT) => n,
-                    _ => return Err(ApiError::BadRequest(format!("limit must be a whole number from 1 to 1000, got {x:?}"))),
+                    _ => {
+                        return Err(ApiError::BadRequest(format!(
+                            "limit must be a whole number from 1 to 1000, got {x:?}"
+                        )))
+                    }
                 },
             },
             cursor: match given(&self.cursor) {
                 None => None,
-                Some(c) => Some(RunCursor::decode(&c).ok_or_else(|| ApiError::BadRequest("cursor is not one this API returned".into()))?),
+                Some(c) => Some(
+                    RunCursor::decode(&c)
+                        .ok_or_else(|| ApiError::BadRequest("cursor is not one this API returned".into()))?,
+                ),
             },
         })
     }
 }
 
 impl Queries {
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&dyn Store) -> Result<T, StorageError> + Send + 'static) -> Result<T, ApiError> {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, ApiError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
@@ -113,7 +125,13 @@ impl Queries {
         let mut list = self.blocking(|st| st.list_processes()).await?;
         for name in &self.configured_processes {
             if !list.iter().any(|p| &p.name == name) {
-                list.push(crate::storage::ProcessSummary { name: name.clone(), latest_run: None, last_success_at_ns: None, active_runs: 0, violations: vec![] });
+                list.push(crate::storage::ProcessSummary {
+                    name: name.clone(),
+                    latest_run: None,
+                    last_success_at_ns: None,
+                    active_runs: 0,
+                    violations: vec![],
+                });
             }
         }
         list.sort_by(|a, b| a.name.cmp(&b.name));
@@ -152,7 +170,10 @@ impl Queries {
     /// Committed run changes from now on, optionally of one process only.
     /// `Err(n)` means this subscriber fell behind and missed `n` changes.
     /// The stream ends at shutdown.
-    pub fn watch(&self, process: Option<String>) -> impl futures_util::Stream<Item = Result<Arc<ProcessRun>, u64>> + Send + 'static {
+    pub fn watch(
+        &self,
+        process: Option<String>,
+    ) -> impl futures_util::Stream<Item = Result<Arc<ProcessRun>, u64>> + Send + 'static {
         use futures_util::StreamExt;
         use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
         let mut stop = self.stop.clone();
@@ -194,7 +215,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/runs/{process}/{run_id}/events", get(run_events))
         .route("/api/v1/events", axum::routing::post(events::post_event))
         .route("/api/v1/stream", get(stream))
-        .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], PAGE) }))
+        .route(
+            "/",
+            get(|| async {
+                ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], PAGE)
+            }),
+        )
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -232,7 +258,10 @@ struct RunsParams {
     cursor: Option<String>,
 }
 
-async fn runs(State(s): State<ApiState>, params: Result<Query<RunsParams>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn runs(
+    State(s): State<ApiState>,
+    params: Result<Query<RunsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let now = crate::now_ns();
     let req = RunsRequest { process: p.process, status: p.status, since: p.since, limit: p.limit, cursor: p.cursor };
@@ -250,23 +279,35 @@ fn parse_since(s: &str, now: i64) -> Result<i64, ApiError> {
     }
     match crate::config::parse_duration(s) {
         Ok(d) => Ok(now.saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64)),
-        Err(_) => Err(ApiError::BadRequest(format!("since must be an RFC 3339 timestamp or a duration like 24h, got {s:?}"))),
+        Err(_) => {
+            Err(ApiError::BadRequest(format!("since must be an RFC 3339 timestamp or a duration like 24h, got {s:?}")))
+        }
     }
 }
 
-async fn run(State(s): State<ApiState>, Path((process, run_id)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn run(
+    State(s): State<ApiState>,
+    Path((process, run_id)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let run = s.queries.run(RunKey { process, run_id }).await?;
     Ok(Json(views::run_full(&run, crate::now_ns(), s.trace_url_template.as_deref())))
 }
 
-async fn run_events(State(s): State<ApiState>, Path((process, run_id)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn run_events(
+    State(s): State<ApiState>,
+    Path((process, run_id)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let events = s.queries.run_events(RunKey { process, run_id }).await?;
     Ok(Json(json!({ "events": events.iter().map(views::event).collect::<Vec<_>>() })))
 }
 
 /// Server-Sent Events: one `run` event (a run summary) per committed change;
 /// `resync` when this client fell behind and should reload everything.
-async fn stream(State(s): State<ApiState>) -> axum::response::sse::Sse<impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
+async fn stream(
+    State(s): State<ApiState>,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures_util::StreamExt;
     let hello = futures_util::stream::once(async { Ok(Event::default().event("hello").data("{}")) });

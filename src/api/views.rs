@@ -70,10 +70,16 @@ pub fn run_full(r: &ProcessRun, now: i64, trace_url_template: Option<&str>) -> V
             .map(|p| json!({"at": ts(p.at_ns), "payload": serde_json::from_str::<Value>(&p.json).unwrap_or(Value::String(p.json.clone()))}))
             .collect(),
     );
-    o.insert("values".into(), r.values.iter().map(|(k, s)| (k.clone(), number(s.value))).collect::<serde_json::Map<_, _>>().into());
+    o.insert(
+        "values".into(),
+        r.values.iter().map(|(k, s)| (k.clone(), number(s.value))).collect::<serde_json::Map<_, _>>().into(),
+    );
     o.insert("trace_ids".into(), json!(r.trace_ids));
     if let Some(t) = trace_url_template {
-        o.insert("trace_urls".into(), r.trace_ids.iter().map(|id| Value::String(t.replace("{trace_id}", id))).collect());
+        o.insert(
+            "trace_urls".into(),
+            r.trace_ids.iter().map(|id| Value::String(t.replace("{trace_id}", id))).collect(),
+        );
     }
     o.insert("services".into(), json!(r.services));
     o.insert("signal_count".into(), json!(r.signal_count));

@@ -42,17 +42,32 @@ pub struct Classified {
 }
 
 /// The bounded set of rejection reason codes (a metric attribute).
-pub const REJECT_REASONS: [&str; 7] = ["invalid_number", "invalid_id", "invalid_payload", "too_many_attributes", "invalid_timestamp", "process_limit", "invalid_value"];
+pub const REJECT_REASONS: [&str; 7] = [
+    "invalid_number",
+    "invalid_id",
+    "invalid_payload",
+    "too_many_attributes",
+    "invalid_timestamp",
+    "process_limit",
+    "invalid_value",
+];
 
 /// The reason code of a rejection message produced by this module.
 pub fn reason_code(reason: &str) -> usize {
     let code = if reason.contains("attributes exceed the limit") {
         "too_many_attributes"
-    } else if reason.contains("must be a number") || reason.contains("must be a finite number") || reason.contains("must not be negative") {
+    } else if reason.contains("must be a number")
+        || reason.contains("must be a finite number")
+        || reason.contains("must not be negative")
+    {
         "invalid_number"
     } else if reason.starts_with(PAYLOAD) {
         "invalid_payload"
-    } else if reason.starts_with(RUN_ID) || reason.starts_with("trace id") || reason.starts_with("span id") || reason.starts_with("no business.run.id") {
+    } else if reason.starts_with(RUN_ID)
+        || reason.starts_with("trace id")
+        || reason.starts_with("span id")
+        || reason.starts_with("no business.run.id")
+    {
         "invalid_id"
     } else if reason.contains("timestamp") {
         "invalid_timestamp"
@@ -105,11 +120,7 @@ pub(crate) struct RecordView<'a> {
 
 impl RecordView<'_> {
     pub fn attr(&self, key: &str) -> Option<&AnyValue> {
-        self.attributes
-            .iter()
-            .chain(self.resource.iter())
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.as_ref())
+        self.attributes.iter().chain(self.resource.iter()).find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref())
     }
 }
 
@@ -158,7 +169,15 @@ impl Classifier {
         resource_business || !self.rules.is_empty() || attributes.iter().any(|kv| kv.key.starts_with("business."))
     }
 
-    fn classify_span(&self, span: &Span, resource: &[KeyValue], resource_business: bool, service: &str, now_ns: i64, out: &mut Classified) {
+    fn classify_span(
+        &self,
+        span: &Span,
+        resource: &[KeyValue],
+        resource_business: bool,
+        service: &str,
+        now_ns: i64,
+        out: &mut Classified,
+    ) {
         if !self.is_candidate(&span.attributes, resource_business) {
             out.discarded += 1;
             return;
@@ -208,11 +227,30 @@ impl Classifier {
                 error: error.map(|e| truncate(&e, self.limits.max_attribute_value_bytes).to_string()),
             });
         }
-        let id = u128::from_le_bytes(xxhash_rust::xxh3::xxh3_128(&[span.trace_id.as_slice(), span.span_id.as_slice()].concat()).to_le_bytes());
-        out.signals.push(self.finish(draft, &view, id, hex(&span.span_id), span.name.clone(), start, end, status_msg.to_string()));
+        let id = u128::from_le_bytes(
+            xxhash_rust::xxh3::xxh3_128(&[span.trace_id.as_slice(), span.span_id.as_slice()].concat()).to_le_bytes(),
+        );
+        out.signals.push(self.finish(
+            draft,
+            &view,
+            id,
+            hex(&span.span_id),
+            span.name.clone(),
+            start,
+            end,
+            status_msg.to_string(),
+        ));
     }
 
-    fn classify_log(&self, log: &LogRecord, resource: &[KeyValue], resource_business: bool, service: &str, now_ns: i64, out: &mut Classified) {
+    fn classify_log(
+        &self,
+        log: &LogRecord,
+        resource: &[KeyValue],
+        resource_business: bool,
+        service: &str,
+        now_ns: i64,
+        out: &mut Classified,
+    ) {
         if !self.is_candidate(&log.attributes, resource_business) {
             out.discarded += 1;
             return;
@@ -272,12 +310,27 @@ impl Classifier {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn finish(&self, draft: Draft, view: &RecordView, id: u128, span_id: String, name: String, start: i64, end: i64, text: String) -> Signal {
+    fn finish(
+        &self,
+        draft: Draft,
+        view: &RecordView,
+        id: u128,
+        span_id: String,
+        name: String,
+        start: i64,
+        end: i64,
+        text: String,
+    ) -> Signal {
         let max_v = self.limits.max_attribute_value_bytes;
         let flatten = |kvs: &[KeyValue]| -> Vec<(String, String)> {
             kvs.iter()
                 .filter(|kv| kv.key.len() <= self.limits.max_name_length)
-                .map(|kv| (kv.key.clone(), truncate(&kv.value.as_ref().map(any_to_string).unwrap_or_default(), max_v).to_string()))
+                .map(|kv| {
+                    (
+                        kv.key.clone(),
+                        truncate(&kv.value.as_ref().map(any_to_string).unwrap_or_default(), max_v).to_string(),
+                    )
+                })
                 .collect()
         };
         Signal {
@@ -315,7 +368,11 @@ impl Draft {
             // Only business records are worth a rejection message.
             let business = rule.is_some() || view.attributes.iter().any(|kv| kv.key == PROCESS);
             return if business {
-                Err(format!("{} attributes exceed the limit of {}", view.attributes.len(), limits.max_attributes_per_record))
+                Err(format!(
+                    "{} attributes exceed the limit of {}",
+                    view.attributes.len(),
+                    limits.max_attributes_per_record
+                ))
             } else {
                 Ok(None)
             };
@@ -365,12 +422,15 @@ impl Draft {
                     PAYLOAD => d.facts.push(Fact::Payload(payload(v, limits)?)),
                     RUN_STATUS => {
                         let s = any_to_string(v);
-                        let status = LifecycleStatus::parse(&s)
-                            .ok_or_else(|| format!("{RUN_STATUS} must be started, succeeded or failed, got {:?}", truncate(&s, 32)))?;
+                        let status = LifecycleStatus::parse(&s).ok_or_else(|| {
+                            format!("{RUN_STATUS} must be started, succeeded or failed, got {:?}", truncate(&s, 32))
+                        })?;
                         d.facts.push(Fact::Status { status, error: None });
                     }
                     RUN_ROOT => d.root = matches!(v.value, Some(Value::BoolValue(true))) || any_to_string(v) == "true",
-                    ERROR_MESSAGE => d.error = Some(truncate(&any_to_string(v), limits.max_attribute_value_bytes).to_string()),
+                    ERROR_MESSAGE => {
+                        d.error = Some(truncate(&any_to_string(v), limits.max_attribute_value_bytes).to_string())
+                    }
                     _ => {}
                 }
             }
@@ -436,7 +496,9 @@ pub(crate) fn number(v: &AnyValue, key: &str, limits: &Limits, allow_negative: b
     let n = match &v.value {
         Some(Value::IntValue(i)) => *i as f64,
         Some(Value::DoubleValue(d)) => *d,
-        Some(Value::StringValue(s)) => s.trim().parse::<f64>().map_err(|_| format!("{key} must be a number, got {:?}", truncate(s, 32)))?,
+        Some(Value::StringValue(s)) => {
+            s.trim().parse::<f64>().map_err(|_| format!("{key} must be a number, got {:?}", truncate(s, 32)))?
+        }
         _ => return Err(format!("{key} must be a number")),
     };
     if !n.is_finite() || n.abs() > limits.max_number {
@@ -458,7 +520,8 @@ fn payload(v: &AnyValue, limits: &Limits) -> Result<String, String> {
     if s.len() > limits.max_payload_bytes {
         return Err(format!("{PAYLOAD} is {} bytes, over the limit of {}", s.len(), limits.max_payload_bytes));
     }
-    let parsed: serde_json::Value = serde_json::from_str(&s).map_err(|e| format!("{PAYLOAD} is not valid JSON: {e}"))?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(&s).map_err(|e| format!("{PAYLOAD} is not valid JSON: {e}"))?;
     Ok(parsed.to_string())
 }
 
@@ -534,7 +597,10 @@ fn any_to_json(v: &AnyValue) -> serde_json::Value {
         Some(Value::BytesValue(b)) => J::String(hex(b)),
         Some(Value::ArrayValue(a)) => J::Array(a.values.iter().map(any_to_json).collect()),
         Some(Value::KvlistValue(kv)) => J::Object(
-            kv.values.iter().map(|kv| (kv.key.clone(), kv.value.as_ref().map(any_to_json).unwrap_or(J::Null))).collect(),
+            kv.values
+                .iter()
+                .map(|kv| (kv.key.clone(), kv.value.as_ref().map(any_to_json).unwrap_or(J::Null)))
+                .collect(),
         ),
         _ => J::Null,
     }

@@ -89,7 +89,9 @@ impl Matcher {
         match m {
             TextMatch::Exact(s) => Ok(Matcher::Exact(s.clone())),
             TextMatch::Pattern(p) => match (&p.glob, &p.regex, p.exists) {
-                (Some(g), None, None) => Regex::new(&glob_to_regex(g)).map(Matcher::Regex).map_err(|e| format!("invalid glob: {e}")),
+                (Some(g), None, None) => {
+                    Regex::new(&glob_to_regex(g)).map(Matcher::Regex).map_err(|e| format!("invalid glob: {e}"))
+                }
                 (None, Some(r), None) => regex::RegexBuilder::new(r)
                     .size_limit(1 << 20)
                     .build()
@@ -138,13 +140,19 @@ impl ValueFrom {
         match s {
             Source::Literal(l) if l.is_empty() => Err("must not be empty".into()),
             Source::Literal(l) => Ok(ValueFrom::Literal(l.clone())),
-            Source::From(FromConfig { from_attribute: Some(a), from: None }) if !a.is_empty() => Ok(ValueFrom::Attribute(a.clone())),
-            Source::From(FromConfig { from_attribute: None, from: Some(f) }) if allowed.contains(&f.as_str()) => Ok(match f.as_str() {
-                "span_name" => ValueFrom::SpanName,
-                "log_body" => ValueFrom::LogBody,
-                _ => ValueFrom::TraceId,
-            }),
-            Source::From(FromConfig { from: Some(f), .. }) => Err(format!("unknown source {f:?}; use one of {allowed:?} or from_attribute")),
+            Source::From(FromConfig { from_attribute: Some(a), from: None }) if !a.is_empty() => {
+                Ok(ValueFrom::Attribute(a.clone()))
+            }
+            Source::From(FromConfig { from_attribute: None, from: Some(f) }) if allowed.contains(&f.as_str()) => {
+                Ok(match f.as_str() {
+                    "span_name" => ValueFrom::SpanName,
+                    "log_body" => ValueFrom::LogBody,
+                    _ => ValueFrom::TraceId,
+                })
+            }
+            Source::From(FromConfig { from: Some(f), .. }) => {
+                Err(format!("unknown source {f:?}; use one of {allowed:?} or from_attribute"))
+            }
             _ => Err("give a literal, {from_attribute: KEY} or {from: ...}".into()),
         }
     }
@@ -199,7 +207,9 @@ impl Rule {
             .iter()
             .map(|(k, m)| Matcher::compile(m).map(|m| (k.clone(), m)).map_err(|e| (format!("match.attributes.{k}"), e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let src = |s: &Option<Source>, p: &str, allowed: &[&str]| s.as_ref().map(|s| ValueFrom::compile(s, allowed)).transpose().map_err(at(p));
+        let src = |s: &Option<Source>, p: &str, allowed: &[&str]| {
+            s.as_ref().map(|s| ValueFrom::compile(s, allowed)).transpose().map_err(at(p))
+        };
         let rule = Rule {
             signal,
             service: opt(&c.matcher.service, "match.service")?,
@@ -264,7 +274,13 @@ impl Rule {
 
     /// Adds the facts this rule derives; `business.*` attributes already
     /// present on the record take precedence.
-    pub(crate) fn apply(&self, view: &RecordView, facts: &mut Vec<Fact>, root: &mut bool, limits: &Limits) -> Result<(), String> {
+    pub(crate) fn apply(
+        &self,
+        view: &RecordView,
+        facts: &mut Vec<Fact>,
+        root: &mut bool,
+        limits: &Limits,
+    ) -> Result<(), String> {
         for (outcome, attr) in &self.records {
             let has = facts.iter().any(|f| matches!(f, Fact::Records { outcome: o, .. } if o == outcome));
             if let (false, Some(v)) = (has, view.attr(attr)) {
@@ -302,4 +318,3 @@ impl RuleSet {
         self.rules.iter().find(|r| r.matches(view))
     }
 }
-

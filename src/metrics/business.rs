@@ -19,10 +19,8 @@ pub const MILESTONE: &str = "business.milestone";
 pub const RULE: &str = "business.expectation.rule";
 
 /// Bucket boundaries (seconds) of `business.process.run.duration`.
-pub const DURATION_BUCKETS: [f64; 14] = [
-    1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
-    86400.0,
-];
+pub const DURATION_BUCKETS: [f64; 14] =
+    [1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0];
 
 struct Inst<I> {
     i: I,
@@ -56,12 +54,7 @@ pub struct BusinessMetrics {
 impl BusinessMetrics {
     /// Creates the catalogue's instruments (and the user-defined ones) on
     /// `meter`; every budget is added to `budgets` for the overflow self-metric.
-    pub fn new(
-        meter: &Meter,
-        limit: usize,
-        user: Vec<UserMetric>,
-        budgets: &mut Vec<Arc<Budget>>,
-    ) -> Self {
+    pub fn new(meter: &Meter, limit: usize, user: Vec<UserMetric>, budgets: &mut Vec<Arc<Budget>>) -> Self {
         let b = budgets;
         BusinessMetrics {
             started: Inst::new(
@@ -181,16 +174,11 @@ impl BusinessMetrics {
     }
 
     fn success(&self, process: &str, end_ns: i64) {
-        let mut m = self
-            .last_success_ns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut m = self.last_success_ns.lock().unwrap_or_else(|e| e.into_inner());
         let cur = m.entry(process.to_string()).or_insert(end_ns);
         *cur = (*cur).max(end_ns);
         let attrs = [KeyValue::new(PROCESS, process.to_string())];
-        self.last_success
-            .i
-            .record(*cur as f64 / 1e9, self.last_success.budget.admit(&attrs));
+        self.last_success.i.record(*cur as f64 / 1e9, self.last_success.budget.admit(&attrs));
     }
 
     /// Moves a run from status `from` (None: not counted yet) to `to` (None: gone).
@@ -214,13 +202,8 @@ impl BusinessMetrics {
     fn signal(&self, s: &Signal) {
         for f in &s.facts {
             if let Fact::Records { outcome, count } = f {
-                let attrs = [
-                    KeyValue::new(PROCESS, s.process.clone()),
-                    KeyValue::new(RECORD_OUTCOME, outcome.clone()),
-                ];
-                self.records
-                    .i
-                    .add(*count, self.records.budget.admit(&attrs));
+                let attrs = [KeyValue::new(PROCESS, s.process.clone()), KeyValue::new(RECORD_OUTCOME, outcome.clone())];
+                self.records.i.add(*count, self.records.budget.admit(&attrs));
             }
         }
         for u in &self.user {
@@ -229,24 +212,13 @@ impl BusinessMetrics {
     }
 
     fn violation(&self, process: &str, v: &Violation) {
-        let attrs = [
-            KeyValue::new(PROCESS, process.to_string()),
-            KeyValue::new(RULE, v.rule.clone()),
-        ];
-        self.violations
-            .i
-            .add(1, self.violations.budget.admit(&attrs));
+        let attrs = [KeyValue::new(PROCESS, process.to_string()), KeyValue::new(RULE, v.rule.clone())];
+        self.violations.i.add(1, self.violations.budget.admit(&attrs));
     }
 
     /// One changed run; `prev` is what it was (or what it continues, for a
     /// run that absorbed a trace-keyed run), `absorbed` the runs merged into it.
-    fn change(
-        &self,
-        prev: Option<&ProcessRun>,
-        absorbed: &[&ProcessRun],
-        after: &ProcessRun,
-        now_ns: i64,
-    ) {
+    fn change(&self, prev: Option<&ProcessRun>, absorbed: &[&ProcessRun], after: &ProcessRun, now_ns: i64) {
         let process = &after.process;
         let pattr = || KeyValue::new(PROCESS, process.clone());
         if prev.is_none() {
@@ -256,10 +228,7 @@ impl BusinessMetrics {
         if after.status.is_terminal() && prev.is_none_or(|p| !p.status.is_terminal()) {
             let attrs = [pattr(), KeyValue::new(OUTCOME, after.status.as_str())];
             self.finished.i.add(1, self.finished.budget.admit(&attrs));
-            self.duration.i.record(
-                after.duration_seconds(now_ns),
-                self.duration.budget.admit(&attrs),
-            );
+            self.duration.i.record(after.duration_seconds(now_ns), self.duration.budget.admit(&attrs));
             if after.status == RunStatus::Succeeded {
                 self.success(process, after.ended_at_ns().unwrap_or(now_ns));
             }
@@ -268,9 +237,7 @@ impl BusinessMetrics {
         for m in &after.milestones {
             if !earlier().any(|r| r.milestones.iter().any(|x| x.name == m.name)) {
                 let attrs = [pattr(), KeyValue::new(MILESTONE, m.name.clone())];
-                self.milestones
-                    .i
-                    .add(1, self.milestones.budget.admit(&attrs));
+                self.milestones.i.add(1, self.milestones.budget.admit(&attrs));
             }
         }
         for v in &after.violations {
@@ -282,9 +249,7 @@ impl BusinessMetrics {
             if prev.and_then(|p| p.progress_ratio()) != Some(ratio)
                 || prev.is_some_and(|p| p.progress_done != after.progress_done)
             {
-                self.progress
-                    .i
-                    .record(ratio, self.progress.budget.admit(&[pattr()]));
+                self.progress.i.record(ratio, self.progress.budget.admit(&[pattr()]));
             }
         }
     }
@@ -303,19 +268,14 @@ impl Observer for BusinessMetrics {
         }
         // A trace-keyed run merged into a named run shows up with before == after.
         let is_merged = |c: &RunChange| c.before.as_ref().is_some_and(|b| Arc::ptr_eq(b, &c.after));
-        let merged: Vec<&ProcessRun> = changes
-            .iter()
-            .filter(|c| is_merged(c))
-            .map(|c| c.after.as_ref())
-            .collect();
+        let merged: Vec<&ProcessRun> = changes.iter().filter(|c| is_merged(c)).map(|c| c.after.as_ref()).collect();
         let live: Vec<&RunChange> = changes.iter().filter(|c| !is_merged(c)).collect();
         // Which live run absorbed each merged run (its trace id is among the live run's).
         let mut continues: Vec<Option<&ProcessRun>> = vec![None; live.len()];
         let mut absorbed: Vec<Vec<&ProcessRun>> = vec![Vec::new(); live.len()];
         for m in &merged {
-            let target = live.iter().position(|c| {
-                c.after.process == m.process && c.after.trace_ids.contains(&m.run_id)
-            });
+            let target =
+                live.iter().position(|c| c.after.process == m.process && c.after.trace_ids.contains(&m.run_id));
             match target {
                 Some(i) => {
                     absorbed[i].push(m);
@@ -365,60 +325,30 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
             "Requests refused as too large (before or after decompression).",
             |m| m.requests_too_large.load(Relaxed),
         ),
-        (
-            "bizsignal.spans.received",
-            "{span}",
-            "Spans received over OTLP.",
-            |m| m.spans_received.load(Relaxed),
-        ),
-        (
-            "bizsignal.logs.received",
-            "{log_record}",
-            "Log records received over OTLP.",
-            |m| m.logs_received.load(Relaxed),
-        ),
-        (
-            "bizsignal.events.received",
-            "{event}",
-            "Events received on POST /api/v1/events.",
-            |m| m.events_received.load(Relaxed),
-        ),
-        (
-            "bizsignal.signals.classified",
-            "{signal}",
-            "Records classified as business signals.",
-            |m| m.signals_classified.load(Relaxed),
-        ),
+        ("bizsignal.spans.received", "{span}", "Spans received over OTLP.", |m| m.spans_received.load(Relaxed)),
+        ("bizsignal.logs.received", "{log_record}", "Log records received over OTLP.", |m| {
+            m.logs_received.load(Relaxed)
+        }),
+        ("bizsignal.events.received", "{event}", "Events received on POST /api/v1/events.", |m| {
+            m.events_received.load(Relaxed)
+        }),
+        ("bizsignal.signals.classified", "{signal}", "Records classified as business signals.", |m| {
+            m.signals_classified.load(Relaxed)
+        }),
         (
             "bizsignal.records.discarded",
             "{record}",
             "Records without business meaning, dropped after classification.",
             |m| m.records_discarded.load(Relaxed),
         ),
-        (
-            "bizsignal.signals.duplicate",
-            "{signal}",
-            "Signals delivered again and ignored.",
-            |m| m.signals_duplicate.load(Relaxed),
-        ),
-        (
-            "bizsignal.storage.commits",
-            "{commit}",
-            "Batches committed to storage.",
-            |m| m.storage_commits.load(Relaxed),
-        ),
-        (
-            "bizsignal.storage.failures",
-            "{commit}",
-            "Storage writes that failed.",
-            |m| m.storage_failures.load(Relaxed),
-        ),
-        (
-            "bizsignal.metrics.export.failures",
-            "{export}",
-            "OTLP metric exports that failed.",
-            |m| m.export_failures.load(Relaxed),
-        ),
+        ("bizsignal.signals.duplicate", "{signal}", "Signals delivered again and ignored.", |m| {
+            m.signals_duplicate.load(Relaxed)
+        }),
+        ("bizsignal.storage.commits", "{commit}", "Batches committed to storage.", |m| m.storage_commits.load(Relaxed)),
+        ("bizsignal.storage.failures", "{commit}", "Storage writes that failed.", |m| m.storage_failures.load(Relaxed)),
+        ("bizsignal.metrics.export.failures", "{export}", "OTLP metric exports that failed.", |m| {
+            m.export_failures.load(Relaxed)
+        }),
     ];
     for (name, unit, desc, get) in counters {
         let m = m.clone();
@@ -436,30 +366,44 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
         .with_description("Business records rejected as invalid (partial success), by reason.")
         .with_callback(move |o| {
             for (i, r) in REJECT_REASONS.iter().enumerate() {
-                o.observe(
-                    mm.rejected_by_reason[i].load(Relaxed),
-                    &[KeyValue::new("reason", *r)],
-                );
+                o.observe(mm.rejected_by_reason[i].load(Relaxed), &[KeyValue::new("reason", *r)]);
             }
         })
         .build();
     // The ClickHouse spool and writer; zero with the SQLite backend.
     let ch_counters: [(&'static str, &'static str, &'static str, Getter); 3] = [
-        ("bizsignal.clickhouse.rows_written", "{row}", "Event rows drained from the spool into ClickHouse (replay progress).", |m| {
-            m.clickhouse.replayed_rows.load(Relaxed)
+        (
+            "bizsignal.clickhouse.rows_written",
+            "{row}",
+            "Event rows drained from the spool into ClickHouse (replay progress).",
+            |m| m.clickhouse.replayed_rows.load(Relaxed),
+        ),
+        ("bizsignal.clickhouse.retries", "{insert}", "ClickHouse inserts retried after a transient failure.", |m| {
+            m.clickhouse.retries.load(Relaxed)
         }),
-        ("bizsignal.clickhouse.retries", "{insert}", "ClickHouse inserts retried after a transient failure.", |m| m.clickhouse.retries.load(Relaxed)),
-        ("bizsignal.clickhouse.dead_lettered", "{batch}", "Spooled batches ClickHouse refused permanently (see the dead-letter file).", |m| {
-            m.clickhouse.dead_lettered.load(Relaxed)
-        }),
+        (
+            "bizsignal.clickhouse.dead_lettered",
+            "{batch}",
+            "Spooled batches ClickHouse refused permanently (see the dead-letter file).",
+            |m| m.clickhouse.dead_lettered.load(Relaxed),
+        ),
     ];
     for (name, unit, desc, get) in ch_counters {
         let m = m.clone();
-        meter.u64_observable_counter(name).with_unit(unit).with_description(desc).with_callback(move |o| o.observe(get(&m), &[])).build();
+        meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(desc)
+            .with_callback(move |o| o.observe(get(&m), &[]))
+            .build();
     }
     let ch_gauges: [(&'static str, &'static str, &'static str, fn(&SelfMetrics) -> f64); 3] = [
-        ("bizsignal.clickhouse.spool", "By", "Bytes in the ClickHouse spool (durable, not yet in ClickHouse).", |m| m.clickhouse.spool_bytes.load(Relaxed) as f64),
-        ("bizsignal.clickhouse.spool.records", "{batch}", "Committed batches in the ClickHouse spool.", |m| m.clickhouse.spool_records.load(Relaxed) as f64),
+        ("bizsignal.clickhouse.spool", "By", "Bytes in the ClickHouse spool (durable, not yet in ClickHouse).", |m| {
+            m.clickhouse.spool_bytes.load(Relaxed) as f64
+        }),
+        ("bizsignal.clickhouse.spool.records", "{batch}", "Committed batches in the ClickHouse spool.", |m| {
+            m.clickhouse.spool_records.load(Relaxed) as f64
+        }),
         ("bizsignal.clickhouse.spool.oldest_age", "s", "Age of the oldest spooled batch.", |m| {
             let oldest = m.clickhouse.spool_oldest_ns.load(Relaxed);
             if oldest == 0 {
@@ -471,7 +415,12 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
     ];
     for (name, unit, desc, get) in ch_gauges {
         let m = m.clone();
-        meter.f64_observable_gauge(name).with_unit(unit).with_description(desc).with_callback(move |o| o.observe(get(&m), &[])).build();
+        meter
+            .f64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(desc)
+            .with_callback(move |o| o.observe(get(&m), &[]))
+            .build();
     }
     let mm = m.clone();
     meter
@@ -483,7 +432,9 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
     meter
         .u64_observable_counter("bizsignal.metrics.overflow")
         .with_unit("{measurement}")
-        .with_description("Measurements folded into a metric's overflow series (cardinality budget exceeded), by metric.")
+        .with_description(
+            "Measurements folded into a metric's overflow series (cardinality budget exceeded), by metric.",
+        )
         .with_callback(move |o| {
             for b in &budgets {
                 let n = b.overflowed.load(Relaxed);
@@ -497,9 +448,7 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
         .f64_histogram("bizsignal.storage.write.duration")
         .with_unit("s")
         .with_description("Storage write (commit) latency.")
-        .with_boundaries(vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ])
+        .with_boundaries(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         .build();
     let _ = m.storage_write_seconds.set(h);
 }

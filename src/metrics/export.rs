@@ -15,8 +15,7 @@ use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{
-    Instrument, InstrumentKind, ManualReader, PeriodicReader, Pipeline, SdkMeterProvider, Stream,
-    Temporality,
+    Instrument, InstrumentKind, ManualReader, PeriodicReader, Pipeline, SdkMeterProvider, Stream, Temporality,
 };
 use opentelemetry_sdk::Resource;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
@@ -63,12 +62,7 @@ impl PushMetricExporter for CountingExporter {
             let n = self.metrics.export_failures.fetch_add(1, Relaxed) + 1;
             let now = crate::now_ns() / 1_000_000_000;
             let last = self.last_log_s.load(Relaxed);
-            if now - last >= LOG_EVERY_S
-                && self
-                    .last_log_s
-                    .compare_exchange(last, now, Relaxed, Relaxed)
-                    .is_ok()
-            {
+            if now - last >= LOG_EVERY_S && self.last_log_s.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
                 tracing::warn!(error = %e, failures_so_far = n, "OTLP metrics export failed (logged at most once a minute; see bizsignal_metrics_export_failures_total)");
             }
         }
@@ -95,16 +89,12 @@ pub struct MetricsPipeline {
 
 impl std::fmt::Debug for MetricsPipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetricsPipeline")
-            .field("otlp_endpoint", &self.otlp_endpoint)
-            .finish()
+        f.debug_struct("MetricsPipeline").field("otlp_endpoint", &self.otlp_endpoint).finish()
     }
 }
 
 fn env(names: &[&str]) -> Option<String> {
-    names
-        .iter()
-        .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+    names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
 }
 
 /// The OTLP endpoint in effect: config, else the standard environment variables.
@@ -128,23 +118,14 @@ fn endpoint(cfg: &MetricsConfig, protocol: OtlpProtocol) -> Option<String> {
 
 fn protocol(cfg: &MetricsConfig) -> OtlpProtocol {
     cfg.otlp.protocol.unwrap_or_else(|| {
-        match env(&[
-            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ])
-        .as_deref()
-        {
+        match env(&["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]).as_deref() {
             Some(p) if p.starts_with("http") => OtlpProtocol::Http,
             _ => OtlpProtocol::Grpc,
         }
     })
 }
 
-fn exporter(
-    cfg: &MetricsConfig,
-    protocol: OtlpProtocol,
-    endpoint: &str,
-) -> Result<MetricExporter, String> {
+fn exporter(cfg: &MetricsConfig, protocol: OtlpProtocol, endpoint: &str) -> Result<MetricExporter, String> {
     let o = &cfg.otlp;
     let temporality = o.temporality.map(|t| match t {
         TemporalityConfig::Cumulative => Temporality::Cumulative,
@@ -152,23 +133,16 @@ fn exporter(
     });
     let built = match protocol {
         OtlpProtocol::Grpc => {
-            let mut b = MetricExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint);
+            let mut b = MetricExporter::builder().with_tonic().with_endpoint(endpoint);
             if let Some(t) = o.timeout {
                 b = b.with_timeout(t);
             }
             if !o.headers.is_empty() {
                 let mut md = tonic::metadata::MetadataMap::new();
                 for (k, v) in &o.headers {
-                    let key =
-                        tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                            .map_err(|e| format!("header {k}: {e}"))?;
-                    md.insert(
-                        key,
-                        v.parse()
-                            .map_err(|_| format!("header {k}: invalid value"))?,
-                    );
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                        .map_err(|e| format!("header {k}: {e}"))?;
+                    md.insert(key, v.parse().map_err(|_| format!("header {k}: invalid value"))?);
                 }
                 b = b.with_metadata(md);
             }
@@ -178,19 +152,12 @@ fn exporter(
             }
         }
         OtlpProtocol::Http => {
-            let mut b = MetricExporter::builder()
-                .with_http()
-                .with_endpoint(endpoint);
+            let mut b = MetricExporter::builder().with_http().with_endpoint(endpoint);
             if let Some(t) = o.timeout {
                 b = b.with_timeout(t);
             }
             if !o.headers.is_empty() {
-                b = b.with_headers(
-                    o.headers
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                );
+                b = b.with_headers(o.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
             }
             match temporality {
                 Some(t) => b.with_temporality(t).build(),
@@ -205,26 +172,14 @@ impl MetricsPipeline {
     /// Builds the provider, the instruments and the observer. Call from a
     /// blocking context inside the runtime (the HTTP exporter's client must
     /// not be created on an async worker).
-    pub fn build(
-        cfg: &MetricsConfig,
-        self_metrics: Arc<SelfMetrics>,
-    ) -> Result<MetricsPipeline, String> {
+    pub fn build(cfg: &MetricsConfig, self_metrics: Arc<SelfMetrics>) -> Result<MetricsPipeline, String> {
         // Budgets are enforced before recording; the SDK's own limit sits above them.
         let sdk_limit = UserMetric::max_limit(cfg) + 16;
-        let prometheus = Arc::new(
-            ManualReader::builder()
-                .with_temporality(Temporality::Cumulative)
-                .build(),
-        );
+        let prometheus = Arc::new(ManualReader::builder().with_temporality(Temporality::Cumulative).build());
         let mut builder = SdkMeterProvider::builder()
             .with_resource(Resource::builder().with_service_name("bizsignal").build())
             .with_reader(SharedReader(prometheus.clone()))
-            .with_view(move |_: &Instrument| {
-                Stream::builder()
-                    .with_cardinality_limit(sdk_limit)
-                    .build()
-                    .ok()
-            });
+            .with_view(move |_: &Instrument| Stream::builder().with_cardinality_limit(sdk_limit).build().ok());
         let proto = protocol(cfg);
         let otlp_endpoint = endpoint(cfg, proto);
         if let Some(ep) = &otlp_endpoint {
@@ -244,19 +199,9 @@ impl MetricsPipeline {
         let meter = provider.meter("bizsignal");
         let mut budgets: Vec<Arc<Budget>> = Vec::new();
         let user = UserMetric::build_all(&meter, cfg, &mut budgets);
-        let business = Arc::new(BusinessMetrics::new(
-            &meter,
-            cfg.cardinality_limit,
-            user,
-            &mut budgets,
-        ));
+        let business = Arc::new(BusinessMetrics::new(&meter, cfg.cardinality_limit, user, &mut budgets));
         super::business::register_self_metrics(&meter, &self_metrics, budgets);
-        Ok(MetricsPipeline {
-            provider,
-            prometheus,
-            business,
-            otlp_endpoint,
-        })
+        Ok(MetricsPipeline { provider, prometheus, business, otlp_endpoint })
     }
 
     /// Collects now and renders for Prometheus (`openmetrics`: OpenMetrics 1.0).

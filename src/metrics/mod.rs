@@ -67,8 +67,7 @@ impl SelfMetrics {
 
     /// Records one storage write of `secs` seconds.
     pub fn storage_write(&self, secs: f64) {
-        self.storage_commit_nanos
-            .fetch_add((secs * 1e9) as u64, Relaxed);
+        self.storage_commit_nanos.fetch_add((secs * 1e9) as u64, Relaxed);
         if let Some(h) = self.storage_write_seconds.get() {
             h.record(secs, &[]);
         }
@@ -96,12 +95,7 @@ pub struct Budget {
 
 impl Budget {
     pub fn new(metric: impl Into<String>, limit: usize) -> Self {
-        Budget {
-            metric: metric.into(),
-            limit,
-            seen: Mutex::new(HashSet::new()),
-            overflowed: AtomicU64::new(0),
-        }
+        Budget { metric: metric.into(), limit, seen: Mutex::new(HashSet::new()), overflowed: AtomicU64::new(0) }
     }
 
     /// The attribute set to record under: `attrs`, or the overflow set.

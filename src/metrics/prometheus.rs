@@ -18,11 +18,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 pub fn base_name(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 1);
     for c in name.chars() {
-        let c = if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
-            c
-        } else {
-            '_'
-        };
+        let c = if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' };
         if c == '_' && out.ends_with('_') {
             continue;
         }
@@ -114,22 +110,16 @@ fn num(v: f64) -> String {
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn escape_help(v: &str) -> String {
     v.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
-fn labels<'a>(
-    attrs: impl Iterator<Item = &'a opentelemetry::KeyValue>,
-    extra: Option<(&str, String)>,
-) -> String {
-    let mut parts: Vec<(String, String)> = attrs
-        .map(|kv| (label_name(kv.key.as_str()), kv.value.as_str().into_owned()))
-        .collect();
+fn labels<'a>(attrs: impl Iterator<Item = &'a opentelemetry::KeyValue>, extra: Option<(&str, String)>) -> String {
+    let mut parts: Vec<(String, String)> =
+        attrs.map(|kv| (label_name(kv.key.as_str()), kv.value.as_str().into_owned())).collect();
     parts.sort();
     if let Some((k, v)) = extra {
         parts.push((k.to_string(), v));
@@ -137,10 +127,7 @@ fn labels<'a>(
     if parts.is_empty() {
         return String::new();
     }
-    let body: Vec<String> = parts
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
-        .collect();
+    let body: Vec<String> = parts.iter().map(|(k, v)| format!("{k}=\"{}\"", escape_label(v))).collect();
     format!("{{{}}}", body.join(","))
 }
 
@@ -174,11 +161,7 @@ fn render_metric<T: Num>(out: &mut String, m: &Metric, data: &MetricData<T>, om:
     };
     let family = family_name(m.name(), m.unit(), gauge);
     let counter = kind == "counter";
-    let sample = if counter {
-        format!("{family}_total")
-    } else {
-        family.clone()
-    };
+    let sample = if counter { format!("{family}_total") } else { family.clone() };
     let meta = if counter && !om { &sample } else { &family };
     let _ = writeln!(out, "# TYPE {meta} {kind}");
     if om {
@@ -192,22 +175,12 @@ fn render_metric<T: Num>(out: &mut String, m: &Metric, data: &MetricData<T>, om:
     match data {
         MetricData::Gauge(g) => {
             for p in g.data_points() {
-                let _ = writeln!(
-                    out,
-                    "{sample}{} {}",
-                    labels(p.attributes(), None),
-                    num(p.value().f())
-                );
+                let _ = writeln!(out, "{sample}{} {}", labels(p.attributes(), None), num(p.value().f()));
             }
         }
         MetricData::Sum(s) => {
             for p in s.data_points() {
-                let _ = writeln!(
-                    out,
-                    "{sample}{} {}",
-                    labels(p.attributes(), None),
-                    num(p.value().f())
-                );
+                let _ = writeln!(out, "{sample}{} {}", labels(p.attributes(), None), num(p.value().f()));
             }
         }
         MetricData::Histogram(h) => {
@@ -215,11 +188,7 @@ fn render_metric<T: Num>(out: &mut String, m: &Metric, data: &MetricData<T>, om:
                 let mut cum = 0u64;
                 for (b, c) in p.bounds().zip(p.bucket_counts()) {
                     cum += c;
-                    let _ = writeln!(
-                        out,
-                        "{family}_bucket{} {cum}",
-                        labels(p.attributes(), Some(("le", num(b))))
-                    );
+                    let _ = writeln!(out, "{family}_bucket{} {cum}", labels(p.attributes(), Some(("le", num(b)))));
                 }
                 let _ = writeln!(
                     out,
@@ -227,18 +196,8 @@ fn render_metric<T: Num>(out: &mut String, m: &Metric, data: &MetricData<T>, om:
                     labels(p.attributes(), Some(("le", "+Inf".into()))),
                     p.count()
                 );
-                let _ = writeln!(
-                    out,
-                    "{family}_sum{} {}",
-                    labels(p.attributes(), None),
-                    num(p.sum().f())
-                );
-                let _ = writeln!(
-                    out,
-                    "{family}_count{} {}",
-                    labels(p.attributes(), None),
-                    p.count()
-                );
+                let _ = writeln!(out, "{family}_sum{} {}", labels(p.attributes(), None), num(p.sum().f()));
+                let _ = writeln!(out, "{family}_count{} {}", labels(p.attributes(), None), p.count());
             }
         }
         MetricData::ExponentialHistogram(_) => {}
@@ -265,10 +224,7 @@ pub fn render(rm: &ResourceMetrics, openmetrics: bool) -> String {
 
 /// Whether an `Accept` header asks for OpenMetrics.
 pub fn wants_openmetrics(accept: Option<&str>) -> bool {
-    accept.is_some_and(|a| {
-        a.split(',')
-            .any(|p| p.trim().starts_with("application/openmetrics-text"))
-    })
+    accept.is_some_and(|a| a.split(',').any(|p| p.trim().starts_with("application/openmetrics-text")))
 }
 
 #[cfg(test)]
@@ -277,26 +233,14 @@ mod tests {
 
     #[test]
     fn names_follow_the_otel_prometheus_rules() {
-        assert_eq!(
-            family_name("business.process.run.duration", "s", false),
-            "business_process_run_duration_seconds"
-        );
-        assert_eq!(
-            family_name("business.process.runs.started", "{run}", false),
-            "business_process_runs_started"
-        );
-        assert_eq!(
-            family_name("business.process.run.progress", "1", true),
-            "business_process_run_progress_ratio"
-        );
+        assert_eq!(family_name("business.process.run.duration", "s", false), "business_process_run_duration_seconds");
+        assert_eq!(family_name("business.process.runs.started", "{run}", false), "business_process_runs_started");
+        assert_eq!(family_name("business.process.run.progress", "1", true), "business_process_run_progress_ratio");
         assert_eq!(
             family_name("business.process.last_success.time", "s", true),
             "business_process_last_success_time_seconds"
         );
-        assert_eq!(
-            family_name("payload.size", "By", false),
-            "payload_size_bytes"
-        );
+        assert_eq!(family_name("payload.size", "By", false), "payload_size_bytes");
         assert_eq!(label_name("customer.tier"), "customer_tier");
         assert_eq!(base_name("9lives"), "_9lives");
     }

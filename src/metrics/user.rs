@@ -74,20 +74,12 @@ fn valid_name(n: &str) -> bool {
 pub fn validate(m: &MetricsConfig) -> Result<(), (String, String)> {
     let err = |p: String, r: &str| Err((p, r.to_string()));
     if m.cardinality_limit == 0 || m.cardinality_limit > 1_000_000 {
-        return err(
-            "metrics.cardinality_limit".into(),
-            "must be from 1 to 1000000",
-        );
+        return err("metrics.cardinality_limit".into(), "must be from 1 to 1000000");
     }
     let o = &m.otlp;
     if let Some(e) = &o.endpoint {
-        if !(e.starts_with("http://") || e.starts_with("https://"))
-            || e.parse::<http::Uri>().is_err()
-        {
-            return err(
-                "metrics.otlp.endpoint".into(),
-                "must be an http:// or https:// URL",
-            );
+        if !(e.starts_with("http://") || e.starts_with("https://")) || e.parse::<http::Uri>().is_err() {
+            return err("metrics.otlp.endpoint".into(), "must be an http:// or https:// URL");
         }
     }
     if o.interval.is_some_and(|d| d.is_zero()) {
@@ -98,35 +90,26 @@ pub fn validate(m: &MetricsConfig) -> Result<(), (String, String)> {
     }
     for (k, v) in &o.headers {
         if http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).is_err() {
-            return err(
-                format!("metrics.otlp.headers.{k}"),
-                "not a valid header name",
-            );
+            return err(format!("metrics.otlp.headers.{k}"), "not a valid header name");
         }
         if http::HeaderValue::from_str(v).is_err() {
-            return err(
-                format!("metrics.otlp.headers.{k}"),
-                "not a valid header value",
-            );
+            return err(format!("metrics.otlp.headers.{k}"), "not a valid header value");
         }
     }
     let mut names = HashSet::new();
     for (i, u) in m.user_defined.iter().enumerate() {
         let p = |k: &str| format!("metrics.user_defined[{i}].{k}");
         if !valid_name(&u.name) {
-            return err(p("name"), "must start with a letter and contain only letters, digits, '_', '.', '-', '/' (at most 255)");
+            return err(
+                p("name"),
+                "must start with a letter and contain only letters, digits, '_', '.', '-', '/' (at most 255)",
+            );
         }
         if RESERVED.iter().any(|r| u.name.starts_with(r)) {
-            return err(
-                p("name"),
-                "business.process.*, bizsignal.* and otel.* are reserved for built-in metrics",
-            );
+            return err(p("name"), "business.process.*, bizsignal.* and otel.* are reserved for built-in metrics");
         }
         if !names.insert(super::prometheus::base_name(&u.name)) {
-            return err(
-                p("name"),
-                "another user-defined metric has the same (Prometheus) name",
-            );
+            return err(p("name"), "another user-defined metric has the same (Prometheus) name");
         }
         Source::parse(&u.source).map_err(|r| (p("source"), r))?;
         if u.unit.len() > 63 || !u.unit.is_ascii() {
@@ -145,13 +128,13 @@ pub fn validate(m: &MetricsConfig) -> Result<(), (String, String)> {
                 return err(dp, "must not be empty");
             }
             if d == crate::classify::RUN_ID || d == "trace_id" || d == "span_id" {
-                return err(dp, "run and trace ids are never metric attributes (unbounded); link metrics to runs through the API");
-            }
-            if d == PROCESS {
                 return err(
                     dp,
-                    "business.process.name is always an attribute; do not list it",
+                    "run and trace ids are never metric attributes (unbounded); link metrics to runs through the API",
                 );
+            }
+            if d == PROCESS {
+                return err(dp, "business.process.name is always an attribute; do not list it");
             }
             if !seen.insert(d) {
                 return err(dp, "listed twice");
@@ -166,23 +149,11 @@ pub fn validate(m: &MetricsConfig) -> Result<(), (String, String)> {
 
 impl UserMetric {
     /// Builds the configured (already validated) metrics on `meter`.
-    pub fn build_all(
-        meter: &Meter,
-        m: &MetricsConfig,
-        budgets: &mut Vec<Arc<Budget>>,
-    ) -> Vec<UserMetric> {
-        m.user_defined
-            .iter()
-            .map(|u| Self::build(meter, u, m.cardinality_limit, budgets))
-            .collect()
+    pub fn build_all(meter: &Meter, m: &MetricsConfig, budgets: &mut Vec<Arc<Budget>>) -> Vec<UserMetric> {
+        m.user_defined.iter().map(|u| Self::build(meter, u, m.cardinality_limit, budgets)).collect()
     }
 
-    fn build(
-        meter: &Meter,
-        u: &UserMetricConfig,
-        default_limit: usize,
-        budgets: &mut Vec<Arc<Budget>>,
-    ) -> UserMetric {
+    fn build(meter: &Meter, u: &UserMetricConfig, default_limit: usize, budgets: &mut Vec<Arc<Budget>>) -> UserMetric {
         let name = u.name.clone();
         let instrument = match u.instrument {
             InstrumentKind::Counter => Instrument::Counter(
@@ -200,17 +171,10 @@ impl UserMetric {
                     .build(),
             ),
             InstrumentKind::Gauge => Instrument::Gauge(
-                meter
-                    .f64_gauge(name.clone())
-                    .with_unit(u.unit.clone())
-                    .with_description(u.description.clone())
-                    .build(),
+                meter.f64_gauge(name.clone()).with_unit(u.unit.clone()).with_description(u.description.clone()).build(),
             ),
         };
-        let budget = Arc::new(Budget::new(
-            name,
-            u.cardinality_limit.unwrap_or(default_limit),
-        ));
+        let budget = Arc::new(Budget::new(name, u.cardinality_limit.unwrap_or(default_limit)));
         budgets.push(budget.clone());
         UserMetric {
             source: Source::parse(&u.source).expect("validated at load"),

@@ -51,7 +51,11 @@ impl GrpcReceiver {
     }
 
     /// The tonic router with both OTLP services.
-    pub fn router<I: tonic::service::Interceptor + Clone + Send + Sync + 'static>(self, max_message_bytes: usize, auth: I) -> tonic::service::Routes {
+    pub fn router<I: tonic::service::Interceptor + Clone + Send + Sync + 'static>(
+        self,
+        max_message_bytes: usize,
+        auth: I,
+    ) -> tonic::service::Routes {
         use tonic::service::interceptor::InterceptedService;
         let traces = TraceServiceServer::new(self.clone())
             .accept_compressed(CompressionEncoding::Gzip)
@@ -61,7 +65,8 @@ impl GrpcReceiver {
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(max_message_bytes);
-        tonic::service::Routes::new(InterceptedService::new(traces, auth.clone())).add_service(InterceptedService::new(logs, auth))
+        tonic::service::Routes::new(InterceptedService::new(traces, auth.clone()))
+            .add_service(InterceptedService::new(logs, auth))
     }
 
     fn status(&self, e: SubmitError) -> Status {
@@ -77,19 +82,28 @@ impl GrpcReceiver {
 
 #[tonic::async_trait]
 impl TraceService for GrpcReceiver {
-    async fn export(&self, request: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let accepted = self.intake.traces(request.into_inner()).await.map_err(|e| self.status(e))?;
-        let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess { rejected_spans: accepted.rejected, error_message: accepted.message });
+        let partial_success = (accepted.rejected > 0)
+            .then(|| ExportTracePartialSuccess { rejected_spans: accepted.rejected, error_message: accepted.message });
         Ok(Response::new(ExportTraceServiceResponse { partial_success }))
     }
 }
 
 #[tonic::async_trait]
 impl LogsService for GrpcReceiver {
-    async fn export(&self, request: Request<ExportLogsServiceRequest>) -> Result<Response<ExportLogsServiceResponse>, Status> {
+    async fn export(
+        &self,
+        request: Request<ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let accepted = self.intake.logs(request.into_inner()).await.map_err(|e| self.status(e))?;
-        let partial_success =
-            (accepted.rejected > 0).then(|| ExportLogsPartialSuccess { rejected_log_records: accepted.rejected, error_message: accepted.message });
+        let partial_success = (accepted.rejected > 0).then(|| ExportLogsPartialSuccess {
+            rejected_log_records: accepted.rejected,
+            error_message: accepted.message,
+        });
         Ok(Response::new(ExportLogsServiceResponse { partial_success }))
     }
 }

@@ -11,8 +11,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use prost::Message;
 use serde::de::DeserializeOwned;
 use std::io::Read;
@@ -94,7 +98,11 @@ impl HttpReceiver {
     }
 
     /// Content type and encoding checks, inflation with a limit, decoding.
-    pub fn decode<T: Message + Default + DeserializeOwned>(&self, headers: &HeaderMap, body: &[u8]) -> Result<(T, Encoding), HttpError> {
+    pub fn decode<T: Message + Default + DeserializeOwned>(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(T, Encoding), HttpError> {
         let metrics = &self.intake.metrics;
         let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
@@ -105,13 +113,21 @@ impl HttpReceiver {
                 crate::metrics::SelfMetrics::add(&metrics.requests_invalid, 1);
                 return Err(HttpError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!("unsupported content type {:?}; use application/x-protobuf or application/json", crate::classify::truncate(ct, 100)),
+                    format!(
+                        "unsupported content type {:?}; use application/x-protobuf or application/json",
+                        crate::classify::truncate(ct, 100)
+                    ),
                     None,
                 ));
             }
         };
         let inflated;
-        let data: &[u8] = match headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        let data: &[u8] = match headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_ascii_lowercase())
+            .as_deref()
+        {
             None | Some("") | Some("identity") => body,
             Some("gzip") => {
                 inflated = inflate_limited(body, self.max_decompressed_bytes).map_err(|e| {
@@ -126,13 +142,18 @@ impl HttpReceiver {
                 crate::metrics::SelfMetrics::add(&metrics.requests_invalid, 1);
                 return Err(HttpError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!("unsupported content encoding {:?}; use gzip or identity", crate::classify::truncate(other, 50)),
+                    format!(
+                        "unsupported content encoding {:?}; use gzip or identity",
+                        crate::classify::truncate(other, 50)
+                    ),
                     Some(encoding),
                 ));
             }
         };
         let msg = match encoding {
-            Encoding::Protobuf => T::decode(data).map_err(|e| format!("body is not a valid OTLP protobuf message: {e}")),
+            Encoding::Protobuf => {
+                T::decode(data).map_err(|e| format!("body is not a valid OTLP protobuf message: {e}"))
+            }
             Encoding::Json => decode_json::<T>(data),
         };
         msg.map(|m| (m, encoding)).map_err(|m| {
@@ -151,9 +172,13 @@ pub struct InflateError {
 pub fn inflate_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
     let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
     let mut dec = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
-    dec.read_to_end(&mut out).map_err(|e| InflateError { too_large: false, message: format!("body is not valid gzip: {e}") })?;
+    dec.read_to_end(&mut out)
+        .map_err(|e| InflateError { too_large: false, message: format!("body is not valid gzip: {e}") })?;
     if out.len() > limit {
-        return Err(InflateError { too_large: true, message: format!("body inflates to more than the limit of {limit} bytes") });
+        return Err(InflateError {
+            too_large: true,
+            message: format!("body inflates to more than the limit of {limit} bytes"),
+        });
     }
     Ok(out)
 }
@@ -216,7 +241,11 @@ fn encode<M: Message>(m: &M, rejected_key: &str, accepted: &super::Accepted, enc
     }
 }
 
-fn body_or_error(body: Result<Bytes, axum::extract::rejection::BytesRejection>, r: &HttpReceiver, headers: &HeaderMap) -> Result<Bytes, HttpError> {
+fn body_or_error(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    r: &HttpReceiver,
+    headers: &HeaderMap,
+) -> Result<Bytes, HttpError> {
     // Answer in the client's encoding when it named a known one.
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let enc = if ct.starts_with("application/x-protobuf") || ct.starts_with("application/protobuf") {
@@ -235,21 +264,33 @@ fn body_or_error(body: Result<Bytes, axum::extract::rejection::BytesRejection>, 
     })
 }
 
-async fn traces(State(r): State<HttpReceiver>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, HttpError> {
+async fn traces(
+    State(r): State<HttpReceiver>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, HttpError> {
     let body = body_or_error(body, &r, &headers)?;
     let (req, enc) = r.decode::<ExportTraceServiceRequest>(&headers, &body)?;
     let accepted = r.intake.traces(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
-    let partial_success =
-        (accepted.rejected > 0).then(|| ExportTracePartialSuccess { rejected_spans: accepted.rejected, error_message: accepted.message.clone() });
+    let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess {
+        rejected_spans: accepted.rejected,
+        error_message: accepted.message.clone(),
+    });
     Ok(encode(&ExportTraceServiceResponse { partial_success }, "rejectedSpans", &accepted, enc))
 }
 
-async fn logs(State(r): State<HttpReceiver>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, HttpError> {
+async fn logs(
+    State(r): State<HttpReceiver>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, HttpError> {
     let body = body_or_error(body, &r, &headers)?;
     let (req, enc) = r.decode::<ExportLogsServiceRequest>(&headers, &body)?;
     let accepted = r.intake.logs(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
-    let partial_success =
-        (accepted.rejected > 0).then(|| ExportLogsPartialSuccess { rejected_log_records: accepted.rejected, error_message: accepted.message.clone() });
+    let partial_success = (accepted.rejected > 0).then(|| ExportLogsPartialSuccess {
+        rejected_log_records: accepted.rejected,
+        error_message: accepted.message.clone(),
+    });
     Ok(encode(&ExportLogsServiceResponse { partial_success }, "rejectedLogRecords", &accepted, enc))
 }
 

@@ -83,7 +83,13 @@ impl Intake {
                 if self.processes.admit(&s.process) {
                     c.signals.push(s);
                 } else {
-                    c.reject(code, format!("process {:?}: more than limits.max_processes ({max}) distinct processes", crate::classify::truncate(&s.process, 64)));
+                    c.reject(
+                        code,
+                        format!(
+                            "process {:?}: more than limits.max_processes ({max}) distinct processes",
+                            crate::classify::truncate(&s.process, 64)
+                        ),
+                    );
                 }
             }
         }

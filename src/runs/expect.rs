@@ -16,10 +16,7 @@ pub struct DeadlineRule {
 
 impl DeadlineRule {
     pub fn parse(d: &Deadline) -> Result<DeadlineRule, String> {
-        let time: Time = d
-            .time
-            .parse()
-            .map_err(|e| format!("time {:?} is not HH:MM or HH:MM:SS: {e}", d.time))?;
+        let time: Time = d.time.parse().map_err(|e| format!("time {:?} is not HH:MM or HH:MM:SS: {e}", d.time))?;
         let tz = TimeZone::get(&d.timezone).map_err(|_| format!("unknown IANA time zone {:?}", d.timezone))?;
         Ok(DeadlineRule { time, tz, label: format!("{} {}", d.time, d.timezone) })
     }
@@ -52,7 +49,11 @@ pub fn check_run(run: &mut ProcessRun, exp: &ProcessExpectations, now_ns: i64) -
             run.status = RunStatus::Stalled;
             run.add_violation(Violation {
                 rule: "stall_after".into(),
-                message: format!("no signal for {} (expected one at least every {})", human(idle), human(stall.as_nanos() as i64)),
+                message: format!(
+                    "no signal for {} (expected one at least every {})",
+                    human(idle),
+                    human(stall.as_nanos() as i64)
+                ),
                 at_ns: now_ns,
             });
             changed = true;

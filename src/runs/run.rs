@@ -203,7 +203,11 @@ impl ProcessRun {
                 Fact::Status { status, error } => {
                     let t = Terminal {
                         at_ns: s.time_ns,
-                        status: if *status == LifecycleStatus::Failed { RunStatus::Failed } else { RunStatus::Succeeded },
+                        status: if *status == LifecycleStatus::Failed {
+                            RunStatus::Failed
+                        } else {
+                            RunStatus::Succeeded
+                        },
                         error: error.clone(),
                         tie: event_id(s.id, i as u32 + 1),
                     };
@@ -221,7 +225,10 @@ impl ProcessRun {
         let replace = match &self.terminal {
             None => true,
             // Latest terminal signal wins; at equal times "failed" wins, then the tie.
-            Some(cur) => (t.at_ns, t.status == RunStatus::Failed, &t.tie) > (cur.at_ns, cur.status == RunStatus::Failed, &cur.tie),
+            Some(cur) => {
+                (t.at_ns, t.status == RunStatus::Failed, &t.tie)
+                    > (cur.at_ns, cur.status == RunStatus::Failed, &cur.tie)
+            }
         };
         if replace {
             self.status = t.status;
@@ -252,7 +259,10 @@ impl ProcessRun {
         }
         // Bounded by count and bytes: the run state is rewritten on every
         // commit that touches the run; every payload stays in the events.
-        while self.payloads.len() > MAX_PAYLOADS || (self.payloads.len() > 1 && self.payloads.iter().map(|p| p.json.len()).sum::<usize>() > MAX_PAYLOAD_BYTES) {
+        while self.payloads.len() > MAX_PAYLOADS
+            || (self.payloads.len() > 1
+                && self.payloads.iter().map(|p| p.json.len()).sum::<usize>() > MAX_PAYLOAD_BYTES)
+        {
             self.payloads.remove(0);
         }
     }
@@ -328,7 +338,8 @@ impl ProcessRun {
         if self.terminal.is_some() {
             return None;
         }
-        let (first, done, total) = (self.progress_first.as_ref()?, self.progress_done.as_ref()?, self.progress_total.as_ref()?);
+        let (first, done, total) =
+            (self.progress_first.as_ref()?, self.progress_done.as_ref()?, self.progress_total.as_ref()?);
         let dt = (done.at_ns - first.at_ns) as f64;
         let dv = done.value - first.value;
         if dt <= 0.0 || dv <= 0.0 || total.value <= done.value {

@@ -164,7 +164,11 @@ impl Tracker {
         if open.len() > max_active_runs {
             // The most recently active ones; the rest stay in storage and come back on their next signal.
             open.sort_by_key(|r| std::cmp::Reverse(r.last_received_at_ns));
-            tracing::warn!(open = open.len(), max_active_runs, "more open runs in storage than limits.max_active_runs; loading the most recent");
+            tracing::warn!(
+                open = open.len(),
+                max_active_runs,
+                "more open runs in storage than limits.max_active_runs; loading the most recent"
+            );
             open.truncate(max_active_runs);
         }
         for run in open {
@@ -182,7 +186,8 @@ impl Tracker {
             .collect();
         let (changes, _) = broadcast::channel(4096);
         let (tx, rx) = sync_channel(pipeline.queue_capacity);
-        let handle = TrackerHandle { tx, metrics: metrics.clone(), ack_timeout: pipeline.ack_timeout, changes: changes.clone() };
+        let handle =
+            TrackerHandle { tx, metrics: metrics.clone(), ack_timeout: pipeline.ack_timeout, changes: changes.clone() };
         tracing::info!(open_runs = runs.len(), "run tracker loaded open runs");
         let tracker = Tracker {
             last_success: store.last_successes()?.into_iter().collect(),
@@ -294,11 +299,16 @@ impl Tracker {
                         let cur = self.last_success.entry(key.process.clone()).or_insert(end);
                         *cur = (*cur).max(end);
                     }
-                    let before = self.runs.get(&key).map(|b| Arc::new(b.run.clone())).or_else(|| work.loaded.remove(&key).map(Arc::new));
+                    let before = self
+                        .runs
+                        .get(&key)
+                        .map(|b| Arc::new(b.run.clone()))
+                        .or_else(|| work.loaded.remove(&key).map(Arc::new));
                     changes.push(RunChange { key: key.clone(), before, after: Arc::new(e.run.clone()) });
                     self.runs.insert(key, e);
                 }
-                let signals: Vec<(&Signal, &str)> = work.accepted.iter().map(|(si, i, r)| (&batch[*si].signals[*i], r.as_str())).collect();
+                let signals: Vec<(&Signal, &str)> =
+                    work.accepted.iter().map(|(si, i, r)| (&batch[*si].signals[*i], r.as_str())).collect();
                 for o in &self.observers {
                     o.committed(&signals, &changes, &[]);
                 }
@@ -356,7 +366,9 @@ impl Tracker {
                     target.run.merge(&old.run);
                     target.seen.extend(old.seen);
                     // Events of the trace-keyed run queued in this very commit move too.
-                    for e in work.batch.events.iter_mut().filter(|e| e.process == tkey.process && e.run_id == tkey.run_id) {
+                    for e in
+                        work.batch.events.iter_mut().filter(|e| e.process == tkey.process && e.run_id == tkey.run_id)
+                    {
                         e.run_id = run_id.clone();
                     }
                     work.batch.merges.push((tkey.clone(), run_id.clone()));
@@ -418,8 +430,12 @@ impl Tracker {
     /// recently active are marked `evicted`, written, and dropped from memory
     /// (a later signal reloads them from storage).
     fn evict(&mut self, now: i64) {
-        let mut open: Vec<(i64, RunKey)> =
-            self.runs.iter().filter(|(_, e)| !e.run.status.is_terminal()).map(|(k, e)| (e.run.last_received_at_ns, k.clone())).collect();
+        let mut open: Vec<(i64, RunKey)> = self
+            .runs
+            .iter()
+            .filter(|(_, e)| !e.run.status.is_terminal())
+            .map(|(k, e)| (e.run.last_received_at_ns, k.clone()))
+            .collect();
         if open.len() <= self.max_active_runs {
             return;
         }
@@ -446,7 +462,11 @@ impl Tracker {
             tracing::warn!(error = %e, "storage write of evicted runs failed; will retry next tick");
             return;
         }
-        tracing::info!(evicted = n, max_active_runs = self.max_active_runs, "evicted least recently active runs from memory");
+        tracing::info!(
+            evicted = n,
+            max_active_runs = self.max_active_runs,
+            "evicted least recently active runs from memory"
+        );
         for c in &changes {
             self.runs.remove(&c.key);
         }
@@ -494,11 +514,17 @@ impl Tracker {
                     Some(i) => changed.remove(i).run,
                     None => e.run.clone(),
                 };
-                copy.add_violation(Violation { message: format!("{} (this run was still {})", v.message, copy.status.as_str()), ..v.clone() });
+                copy.add_violation(Violation {
+                    message: format!("{} (this run was still {})", v.message, copy.status.as_str()),
+                    ..v.clone()
+                });
                 changed.push(RunEntry { run: copy, seen: HashSet::new() });
             }
             if !any_open {
-                batch.process_violations.push((process.clone(), Violation { message: format!("{}; no run was in progress", v.message), ..v }));
+                batch.process_violations.push((
+                    process.clone(),
+                    Violation { message: format!("{}; no run was in progress", v.message), ..v },
+                ));
             }
         }
         batch.runs = changed.iter().map(|e| e.run.clone()).collect();

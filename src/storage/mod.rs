@@ -35,7 +35,11 @@ pub struct WriteBatch {
 
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.runs.is_empty() && self.merges.is_empty() && self.aliases.is_empty() && self.process_violations.is_empty()
+        self.events.is_empty()
+            && self.runs.is_empty()
+            && self.merges.is_empty()
+            && self.aliases.is_empty()
+            && self.process_violations.is_empty()
     }
 }
 
@@ -79,7 +83,10 @@ impl RunCursor {
         if s.len() % 2 != 0 || s.len() > 4096 {
             return None;
         }
-        let bytes = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect::<Option<Vec<u8>>>()?;
+        let bytes = (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
         let (t, p, r): (i64, String, String) = serde_json::from_slice(&bytes).ok()?;
         Some(RunCursor { started_at_ns: t, process: p, run_id: r })
     }

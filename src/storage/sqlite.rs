@@ -30,10 +30,12 @@ fn corrupt(e: serde_json::Error) -> StorageError {
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StorageError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StorageError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StorageError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
         let open = || -> Result<Connection, StorageError> {
-            let c = Connection::open(path).map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+            let c = Connection::open(path)
+                .map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
             c.busy_timeout(std::time::Duration::from_secs(30))?;
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.pragma_update(None, "synchronous", "FULL")?;
@@ -63,20 +65,27 @@ fn migrate(c: &Connection) -> Result<(), StorageError> {
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ns INTEGER NOT NULL)",
     )?;
     for (version, name, sql) in MIGRATIONS {
-        let done: Option<i64> = c.query_row("SELECT version FROM schema_migrations WHERE version = ?1", [version], |r| r.get(0)).optional()?;
+        let done: Option<i64> = c
+            .query_row("SELECT version FROM schema_migrations WHERE version = ?1", [version], |r| r.get(0))
+            .optional()?;
         if done.is_some() {
             continue;
         }
         // IMMEDIATE takes the write lock first, so two processes starting at
         // once cannot both apply the same migration.
         c.execute_batch("BEGIN IMMEDIATE")?;
-        let again: Option<i64> = c.query_row("SELECT version FROM schema_migrations WHERE version = ?1", [version], |r| r.get(0)).optional()?;
+        let again: Option<i64> = c
+            .query_row("SELECT version FROM schema_migrations WHERE version = ?1", [version], |r| r.get(0))
+            .optional()?;
         if again.is_none() {
             if let Err(e) = c.execute_batch(sql) {
                 let _ = c.execute_batch("ROLLBACK");
                 return Err(StorageError::Schema(format!("migration {version} ({name}) failed: {e}")));
             }
-            c.execute("INSERT INTO schema_migrations (version, name, applied_at_ns) VALUES (?1, ?2, ?3)", params![version, name, crate::now_ns()])?;
+            c.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at_ns) VALUES (?1, ?2, ?3)",
+                params![version, name, crate::now_ns()],
+            )?;
         }
         c.execute_batch("COMMIT")?;
     }
@@ -128,13 +137,33 @@ impl Store for SqliteStore {
             )?;
             for e in &b.events {
                 ins.execute(params![
-                    e.event_id, e.signal_id, e.process, e.run_id, e.time_ns, e.kind, e.name, e.value, e.text, e.payload, e.service, e.trace_id, e.span_id, e.attributes, e.resource
+                    e.event_id,
+                    e.signal_id,
+                    e.process,
+                    e.run_id,
+                    e.time_ns,
+                    e.kind,
+                    e.name,
+                    e.value,
+                    e.text,
+                    e.payload,
+                    e.service,
+                    e.trace_id,
+                    e.span_id,
+                    e.attributes,
+                    e.resource
                 ])?;
             }
             // After the inserts, so nothing of a merged run stays behind under its trace id.
             for (from, to_run) in &b.merges {
-                tx.execute("UPDATE business_events SET run_id = ?1 WHERE process = ?2 AND run_id = ?3", params![to_run, from.process, from.run_id])?;
-                tx.execute("DELETE FROM process_runs WHERE process = ?1 AND run_id = ?2", params![from.process, from.run_id])?;
+                tx.execute(
+                    "UPDATE business_events SET run_id = ?1 WHERE process = ?2 AND run_id = ?3",
+                    params![to_run, from.process, from.run_id],
+                )?;
+                tx.execute(
+                    "DELETE FROM process_runs WHERE process = ?1 AND run_id = ?2",
+                    params![from.process, from.run_id],
+                )?;
             }
             let mut up = tx.prepare_cached(
                 "INSERT INTO process_runs (process, run_id, status, started_at_ns, last_seen_at_ns, ended_at_ns, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -143,13 +172,24 @@ impl Store for SqliteStore {
             )?;
             for r in &b.runs {
                 let state = serde_json::to_string(r).map_err(corrupt)?;
-                up.execute(params![r.process, r.run_id, r.status.as_str(), r.started_at_ns, r.last_seen_at_ns, r.ended_at_ns(), state])?;
+                up.execute(params![
+                    r.process,
+                    r.run_id,
+                    r.status.as_str(),
+                    r.started_at_ns,
+                    r.last_seen_at_ns,
+                    r.ended_at_ns(),
+                    state
+                ])?;
             }
-            let mut al = tx.prepare_cached("INSERT OR IGNORE INTO run_aliases (process, trace_id, run_id) VALUES (?1, ?2, ?3)")?;
+            let mut al =
+                tx.prepare_cached("INSERT OR IGNORE INTO run_aliases (process, trace_id, run_id) VALUES (?1, ?2, ?3)")?;
             for (p, t, r) in &b.aliases {
                 al.execute(params![p, t, r])?;
             }
-            let mut pv = tx.prepare_cached("INSERT INTO process_violations (process, rule, message, at_ns) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut pv = tx.prepare_cached(
+                "INSERT INTO process_violations (process, rule, message, at_ns) VALUES (?1, ?2, ?3, ?4)",
+            )?;
             for (p, v) in &b.process_violations {
                 pv.execute(params![p, v.rule, v.message, v.at_ns])?;
             }
@@ -169,7 +209,11 @@ impl Store for SqliteStore {
     fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
         self.read(|c| {
             let s: Option<String> = c
-                .query_row("SELECT state FROM process_runs WHERE process = ?1 AND run_id = ?2", params![key.process, key.run_id], |r| r.get(0))
+                .query_row(
+                    "SELECT state FROM process_runs WHERE process = ?1 AND run_id = ?2",
+                    params![key.process, key.run_id],
+                    |r| r.get(0),
+                )
                 .optional()?;
             s.map(|s| run_from_state(&s)).transpose()
         })
@@ -177,7 +221,8 @@ impl Store for SqliteStore {
 
     fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
         self.read(|c| {
-            let mut st = c.prepare("SELECT DISTINCT signal_id FROM business_events WHERE process = ?1 AND run_id = ?2")?;
+            let mut st =
+                c.prepare("SELECT DISTINCT signal_id FROM business_events WHERE process = ?1 AND run_id = ?2")?;
             let rows = st.query_map(params![key.process, key.run_id], |r| r.get::<_, String>(0))?;
             rows.map(|s| {
                 let s = s?;
@@ -189,14 +234,20 @@ impl Store for SqliteStore {
 
     fn alias(&self, process: &str, trace_id: &str) -> Result<Option<String>, StorageError> {
         self.read(|c| {
-            Ok(c.query_row("SELECT run_id FROM run_aliases WHERE process = ?1 AND trace_id = ?2", params![process, trace_id], |r| r.get(0))
-                .optional()?)
+            Ok(c.query_row(
+                "SELECT run_id FROM run_aliases WHERE process = ?1 AND trace_id = ?2",
+                params![process, trace_id],
+                |r| r.get(0),
+            )
+            .optional()?)
         })
     }
 
     fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError> {
         self.read(|c| {
-            let mut st = c.prepare("SELECT process, MAX(ended_at_ns) FROM process_runs WHERE status = 'succeeded' GROUP BY process")?;
+            let mut st = c.prepare(
+                "SELECT process, MAX(ended_at_ns) FROM process_runs WHERE status = 'succeeded' GROUP BY process",
+            )?;
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })

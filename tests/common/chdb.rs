@@ -38,33 +38,17 @@ static DB_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A database name unique to this test process and call.
 pub fn unique_db(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}_{}",
-        std::process::id(),
-        DB_SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}_{}_{}", std::process::id(), DB_SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 impl ChServer {
     pub fn start() -> ChServer {
         let dir = tempfile::tempdir().unwrap();
         if let Ok(url) = std::env::var("BIZSIGNAL_TEST_CLICKHOUSE_URL") {
-            return ChServer {
-                child: None,
-                port: 0,
-                url,
-                dir,
-                python: None,
-            };
+            return ChServer { child: None, port: 0, url, dir, python: None };
         }
         let py = python();
-        let mut s = ChServer {
-            child: None,
-            port: 0,
-            url: String::new(),
-            dir,
-            python: Some(py),
-        };
+        let mut s = ChServer { child: None, port: 0, url: String::new(), dir, python: Some(py) };
         s.spawn(0);
         s
     }
@@ -159,19 +143,14 @@ impl ChServer {
             .unwrap();
         let status = r.status();
         let text = r.text().await.unwrap();
-        assert!(
-            status.is_success(),
-            "query failed ({status}): {sql}\n{text}"
-        );
+        assert!(status.is_success(), "query failed ({status}): {sql}\n{text}");
         text
     }
 }
 
 fn terminate(c: &Child) {
     // SIGTERM lets the front shut chDB down cleanly (its tables persist).
-    let _ = Command::new("kill")
-        .args(["-TERM", &c.id().to_string()])
-        .status();
+    let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
 }
 
 impl Drop for ChServer {

@@ -42,11 +42,7 @@ impl Server {
         let mut c = base_config(dir.path());
         f(&mut c);
         let app = bizsignal::app::start(c).await.expect("server starts");
-        Server {
-            app: Some(app),
-            dir,
-            http: reqwest::Client::new(),
-        }
+        Server { app: Some(app), dir, http: reqwest::Client::new() }
     }
 
     /// Stops and starts again on the same data dir (new ports).
@@ -128,12 +124,7 @@ impl Server {
 }
 
 pub fn fixture(name: &str) -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(name),
-    )
-    .unwrap()
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -144,49 +135,21 @@ pub enum Proto {
 
 /// Real SDK providers exporting to the server. Must be called from a
 /// blocking context inside the runtime (`spawn_blocking`).
-pub fn providers(
-    endpoint: &str,
-    proto: Proto,
-    service: &str,
-) -> (SdkTracerProvider, SdkLoggerProvider) {
-    let resource = Resource::builder()
-        .with_service_name(service.to_string())
-        .build();
+pub fn providers(endpoint: &str, proto: Proto, service: &str) -> (SdkTracerProvider, SdkLoggerProvider) {
+    let resource = Resource::builder().with_service_name(service.to_string()).build();
     let (spans, logs) = match proto {
         Proto::Grpc => (
-            SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .unwrap(),
-            LogExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .unwrap(),
+            SpanExporter::builder().with_tonic().with_endpoint(endpoint).build().unwrap(),
+            LogExporter::builder().with_tonic().with_endpoint(endpoint).build().unwrap(),
         ),
         Proto::HttpProtobuf => (
-            SpanExporter::builder()
-                .with_http()
-                .with_endpoint(format!("{endpoint}/v1/traces"))
-                .build()
-                .unwrap(),
-            LogExporter::builder()
-                .with_http()
-                .with_endpoint(format!("{endpoint}/v1/logs"))
-                .build()
-                .unwrap(),
+            SpanExporter::builder().with_http().with_endpoint(format!("{endpoint}/v1/traces")).build().unwrap(),
+            LogExporter::builder().with_http().with_endpoint(format!("{endpoint}/v1/logs")).build().unwrap(),
         ),
     };
     (
-        SdkTracerProvider::builder()
-            .with_resource(resource.clone())
-            .with_batch_exporter(spans)
-            .build(),
-        SdkLoggerProvider::builder()
-            .with_resource(resource)
-            .with_batch_exporter(logs)
-            .build(),
+        SdkTracerProvider::builder().with_resource(resource.clone()).with_batch_exporter(spans).build(),
+        SdkLoggerProvider::builder().with_resource(resource).with_batch_exporter(logs).build(),
     )
 }
 
@@ -236,7 +199,10 @@ pub fn send_span_run(endpoint: String, proto: Proto, run_id: &str, fail: bool) {
     let tracer = tp.tracer("test");
     let root = tracer
         .span_builder("reconcile")
-        .with_attributes(vec![KeyValue::new("business.process.name", "reconcile"), KeyValue::new("business.run.id", run_id.to_string())])
+        .with_attributes(vec![
+            KeyValue::new("business.process.name", "reconcile"),
+            KeyValue::new("business.run.id", run_id.to_string()),
+        ])
         .start(&tracer);
     let cx = Context::current_with_span(root);
     for (name, milestone, n) in [("fetch", "fetched", 10_i64), ("match", "matched", 7)] {

@@ -41,11 +41,17 @@ impl ServeProcess {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let field = |line: &str, key: &str| line.split(&format!(" {key}=")).nth(1).map(|r| r.split_whitespace().next().unwrap().to_string());
+        let field = |line: &str, key: &str| {
+            line.split(&format!(" {key}=")).nth(1).map(|r| r.split_whitespace().next().unwrap().to_string())
+        };
         loop {
             let line = lines.next().expect("serve printed its addresses").unwrap();
             if line.contains("bizsignal started") {
-                let (otlp_grpc, otlp_http, http) = (field(&line, "otlp_grpc").unwrap(), field(&line, "otlp_http").unwrap(), field(&line, "http").unwrap());
+                let (otlp_grpc, otlp_http, http) = (
+                    field(&line, "otlp_grpc").unwrap(),
+                    field(&line, "otlp_http").unwrap(),
+                    field(&line, "http").unwrap(),
+                );
                 // Keep draining stderr so the server never blocks on a full pipe.
                 std::thread::spawn(move || for _ in lines {});
                 return ServeProcess { child, otlp_grpc, otlp_http, http };

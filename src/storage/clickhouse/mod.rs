@@ -23,9 +23,7 @@ pub mod writer;
 use super::{ProcessSummary, RunCursor, RunQuery, StorageError, Store, WriteBatch};
 use crate::config::ClickHouseConfig;
 use crate::metrics::SelfMetrics;
-use crate::runs::run::{
-    Milestone, Note, Payload, ProcessRun, RunStatus, Sample, Terminal, Violation,
-};
+use crate::runs::run::{Milestone, Note, Payload, ProcessRun, RunStatus, Sample, Terminal, Violation};
 use crate::signal::{BusinessEvent, RunKey};
 use schema::{EventRow, SchemaOpts};
 use serde::{Deserialize, Serialize};
@@ -64,9 +62,7 @@ fn rows_hint(payload: &[u8]) -> usize {
     struct Count {
         events: Vec<serde::de::IgnoredAny>,
     }
-    serde_json::from_slice::<Count>(payload)
-        .map(|c| c.events.len().max(1))
-        .unwrap_or(1)
+    serde_json::from_slice::<Count>(payload).map(|c| c.events.len().max(1)).unwrap_or(1)
 }
 
 /// What spooled-but-unacknowledged records say, keyed with the record's seq.
@@ -81,10 +77,7 @@ struct Pending {
 impl Pending {
     fn apply(&mut self, seq: u64, b: &SpoolBatch) {
         for e in &b.events {
-            let key = RunKey {
-                process: e.process.clone(),
-                run_id: e.run_id.clone(),
-            };
+            let key = RunKey { process: e.process.clone(), run_id: e.run_id.clone() };
             let slot = self.signals.entry(key).or_default();
             slot.0 = seq;
             if let Ok(id) = u128::from_str_radix(&e.signal_id, 16) {
@@ -100,9 +93,7 @@ impl Pending {
             self.deleted.remove(&r.key());
         }
         for (p, t, r) in &b.aliases {
-            self.aliases
-                .entry((p.clone(), t.clone()))
-                .or_insert((seq, r.clone()));
+            self.aliases.entry((p.clone(), t.clone())).or_insert((seq, r.clone()));
         }
     }
 
@@ -134,22 +125,15 @@ pub struct StoreShared {
 
 impl StoreShared {
     fn forget_pending(&self, upto: u64) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .forget(upto);
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).forget(upto);
         self.update_gauges();
     }
 
     fn update_gauges(&self) {
         let m = &self.metrics.clickhouse;
         m.spool_bytes.store(self.spool.bytes(), Ordering::Relaxed);
-        m.spool_records
-            .store(self.spool.len() as u64, Ordering::Relaxed);
-        m.spool_oldest_ns.store(
-            self.spool.oldest_at_ns().unwrap_or(0) as u64,
-            Ordering::Relaxed,
-        );
+        m.spool_records.store(self.spool.len() as u64, Ordering::Relaxed);
+        m.spool_oldest_ns.store(self.spool.oldest_at_ns().unwrap_or(0) as u64, Ordering::Relaxed);
     }
 }
 
@@ -168,11 +152,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 fn opts(cfg: &ClickHouseConfig) -> SchemaOpts {
-    SchemaOpts {
-        database: cfg.database.clone(),
-        cluster: cfg.cluster.clone(),
-        ttl_days: cfg.ttl_days,
-    }
+    SchemaOpts { database: cfg.database.clone(), cluster: cfg.cluster.clone(), ttl_days: cfg.ttl_days }
 }
 
 /// The DDL `bizsignal migrate --dry-run` prints: every statement, in order.
@@ -195,28 +175,18 @@ pub fn ddl_text(cfg: &ClickHouseConfig) -> String {
 
 fn base_client(cfg: &ClickHouseConfig) -> Result<clickhouse::Client, StorageError> {
     let password = cfg.resolve_password().map_err(StorageError::Unavailable)?;
-    let mut c = clickhouse::Client::default()
-        .with_url(cfg.url.clone())
-        .with_user(cfg.user.clone());
+    let mut c = clickhouse::Client::default().with_url(cfg.url.clone()).with_user(cfg.user.clone());
     if !password.is_empty() {
         c = c.with_password(password);
     }
-    c = c.with_compression(if cfg.compression {
-        clickhouse::Compression::Lz4
-    } else {
-        clickhouse::Compression::None
-    });
+    c = c.with_compression(if cfg.compression { clickhouse::Compression::Lz4 } else { clickhouse::Compression::None });
     Ok(c)
 }
 
 fn unavailable(cfg: &ClickHouseConfig, e: impl std::fmt::Display) -> StorageError {
     let text = e.to_string();
     let line = text.lines().next().unwrap_or("").trim().to_string();
-    StorageError::Unavailable(format!(
-        "ClickHouse at {} (user {}): {line}",
-        redact_url(&cfg.url),
-        cfg.user
-    ))
+    StorageError::Unavailable(format!("ClickHouse at {} (user {}): {line}", redact_url(&cfg.url), cfg.user))
 }
 
 /// Connects, checks the server answers, applies the migrations; returns the
@@ -235,10 +205,7 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, StorageError> {
         async move {
             client.query(&sql).execute().await.map_err(|e| {
                 let first = sql.lines().next().unwrap_or("").to_string();
-                StorageError::Schema(format!(
-                    "ClickHouse at {}: `{first}` failed: {e}",
-                    redact_url(&cfg.url)
-                ))
+                StorageError::Schema(format!("ClickHouse at {}: `{first}` failed: {e}", redact_url(&cfg.url)))
             })
         }
     };
@@ -250,9 +217,7 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, StorageError> {
     verify(cfg, &client, true).await?;
     let db = &cfg.database;
     let applied: Vec<u32> = client
-        .query(&format!(
-            "SELECT DISTINCT version FROM {db}.schema_migrations ORDER BY version"
-        ))
+        .query(&format!("SELECT DISTINCT version FROM {db}.schema_migrations ORDER BY version"))
         .fetch_all::<u32>()
         .await
         .map_err(|e| unavailable(cfg, e))?;
@@ -274,9 +239,7 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, StorageError> {
             ddl(s).await?;
         }
         client
-            .query(&format!(
-                "INSERT INTO {db}.schema_migrations (version, name) VALUES (?, ?)"
-            ))
+            .query(&format!("INSERT INTO {db}.schema_migrations (version, name) VALUES (?, ?)"))
             .bind(m.version)
             .bind(m.name)
             .execute()
@@ -289,16 +252,8 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, StorageError> {
 }
 
 /// Checks that `business_events` has the columns and types bizsignal writes.
-async fn verify(
-    cfg: &ClickHouseConfig,
-    client: &clickhouse::Client,
-    absent_ok: bool,
-) -> Result<(), StorageError> {
-    let table = if cfg.cluster.is_some() {
-        "business_events_local"
-    } else {
-        "business_events"
-    };
+async fn verify(cfg: &ClickHouseConfig, client: &clickhouse::Client, absent_ok: bool) -> Result<(), StorageError> {
+    let table = if cfg.cluster.is_some() { "business_events_local" } else { "business_events" };
     let cols: Vec<(String, String)> = client
         .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
         .bind(&cfg.database)
@@ -346,9 +301,8 @@ impl ClickHouseStore {
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
         let ledger = spool.ledger();
         let mut pending = Pending::default();
-        for (seq, _, payload) in spool
-            .read(ledger.acked, usize::MAX)
-            .map_err(|e| StorageError::Corrupt(e.to_string()))?
+        for (seq, _, payload) in
+            spool.read(ledger.acked, usize::MAX).map_err(|e| StorageError::Corrupt(e.to_string()))?
         {
             if let Ok(b) = serde_json::from_slice::<SpoolBatch>(&payload) {
                 pending.apply(seq, &b);
@@ -380,11 +334,7 @@ impl ClickHouseStore {
             );
         }
         tokio::spawn(writer::run(shared.clone()));
-        Ok(ClickHouseStore {
-            shared,
-            rt: tokio::runtime::Handle::current(),
-            db: cfg.database.clone(),
-        })
+        Ok(ClickHouseStore { shared, rt: tokio::runtime::Handle::current(), db: cfg.database.clone() })
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -405,10 +355,7 @@ impl ClickHouseStore {
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shared.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs matching `filter` (fixed SQL fragments, values bound in order), newest first.
@@ -510,18 +457,9 @@ impl ClickHouseStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let processes: Vec<&str> = rows
-            .iter()
-            .map(|r| r.process.as_str())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let run_ids: Vec<&str> = rows
-            .iter()
-            .map(|r| r.run_id.as_str())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        let processes: Vec<&str> =
+            rows.iter().map(|r| r.process.as_str()).collect::<HashSet<_>>().into_iter().collect();
+        let run_ids: Vec<&str> = rows.iter().map(|r| r.run_id.as_str()).collect::<HashSet<_>>().into_iter().collect();
         let extras: Vec<ExtraRow> = self
             .block(
                 self.client()
@@ -539,38 +477,19 @@ impl ClickHouseStore {
             .map_err(|e| self.read_err(e))?;
         let mut by_run: HashMap<(String, String), Vec<ExtraRow>> = HashMap::new();
         for x in extras {
-            by_run
-                .entry((x.process.clone(), x.run_id.clone()))
-                .or_default()
-                .push(x);
+            by_run.entry((x.process.clone(), x.run_id.clone())).or_default().push(x);
         }
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let key = RunKey {
-                process: r.process.clone(),
-                run_id: r.run_id.clone(),
-            };
-            let base: Option<ProcessRun> = if r.state.is_empty() {
-                None
-            } else {
-                serde_json::from_str(&r.state).ok()
-            };
-            let mut run = ProcessRun::new(
-                &key,
-                base.as_ref()
-                    .map(|b| b.last_received_at_ns)
-                    .unwrap_or(r.last_seen_ns),
-            );
+            let key = RunKey { process: r.process.clone(), run_id: r.run_id.clone() };
+            let base: Option<ProcessRun> = if r.state.is_empty() { None } else { serde_json::from_str(&r.state).ok() };
+            let mut run = ProcessRun::new(&key, base.as_ref().map(|b| b.last_received_at_ns).unwrap_or(r.last_seen_ns));
             run.started_at_ns = r.started_ns;
             run.last_seen_at_ns = r.last_seen_ns;
             run.signal_count = r.signals;
             run.counts = r.ck.into_iter().zip(r.cv).collect();
             if r.term_ns > 0 {
-                let status = if r.term_status == "failed" {
-                    RunStatus::Failed
-                } else {
-                    RunStatus::Succeeded
-                };
+                let status = if r.term_status == "failed" { RunStatus::Failed } else { RunStatus::Succeeded };
                 run.terminal = Some(Terminal {
                     at_ns: r.term_ns,
                     status,
@@ -582,69 +501,29 @@ impl ClickHouseStore {
                 run.status = RunStatus::Stalled;
             }
             if r.pdone_ns > 0 || !r.pdone_tie.is_empty() {
-                run.progress_done = Some(Sample {
-                    at_ns: r.pdone_ns,
-                    value: r.pdone_v,
-                    tie: r.pdone_tie,
-                });
+                run.progress_done = Some(Sample { at_ns: r.pdone_ns, value: r.pdone_v, tie: r.pdone_tie });
             }
             if r.ptotal_ns > 0 || !r.ptotal_tie.is_empty() {
-                run.progress_total = Some(Sample {
-                    at_ns: r.ptotal_ns,
-                    value: r.ptotal_v,
-                    tie: r.ptotal_tie,
-                });
+                run.progress_total = Some(Sample { at_ns: r.ptotal_ns, value: r.ptotal_v, tie: r.ptotal_tie });
             }
             let mut ms: Vec<Milestone> =
-                r.mk.into_iter()
-                    .zip(r.mv)
-                    .map(|(name, at_ns)| Milestone { name, at_ns })
-                    .collect();
+                r.mk.into_iter().zip(r.mv).map(|(name, at_ns)| Milestone { name, at_ns }).collect();
             ms.sort_by(|a, b| (a.at_ns, &a.name).cmp(&(b.at_ns, &b.name)));
             run.milestones = ms;
-            run.services = r
-                .svc
-                .into_iter()
-                .take(crate::runs::run::MAX_SERVICES)
-                .collect();
-            run.trace_ids = r
-                .tids
-                .into_iter()
-                .take(crate::runs::run::MAX_TRACE_IDS)
-                .collect();
-            for x in by_run
-                .remove(&(key.process.clone(), key.run_id.clone()))
-                .unwrap_or_default()
-            {
-                let smp = Sample {
-                    at_ns: x.t,
-                    value: x.v,
-                    tie: x.event_id.clone(),
-                };
+            run.services = r.svc.into_iter().take(crate::runs::run::MAX_SERVICES).collect();
+            run.trace_ids = r.tids.into_iter().take(crate::runs::run::MAX_TRACE_IDS).collect();
+            for x in by_run.remove(&(key.process.clone(), key.run_id.clone())).unwrap_or_default() {
+                let smp = Sample { at_ns: x.t, value: x.v, tie: x.event_id.clone() };
                 match x.kind.as_str() {
                     "value" => {
-                        if run
-                            .values
-                            .get(&x.name)
-                            .is_none_or(|cur| (smp.at_ns, &smp.tie) > (cur.at_ns, &cur.tie))
-                        {
+                        if run.values.get(&x.name).is_none_or(|cur| (smp.at_ns, &smp.tie) > (cur.at_ns, &cur.tie)) {
                             run.values.insert(x.name.clone(), smp);
                         }
                     }
-                    "note" => run.notes.push(Note {
-                        at_ns: x.t,
-                        text: x.text,
-                    }),
-                    "payload" => run.payloads.push(Payload {
-                        at_ns: x.t,
-                        json: x.payload,
-                    }),
+                    "note" => run.notes.push(Note { at_ns: x.t, text: x.text }),
+                    "payload" => run.payloads.push(Payload { at_ns: x.t, json: x.payload }),
                     "progress" => {
-                        if run
-                            .progress_first
-                            .as_ref()
-                            .is_none_or(|f| (smp.at_ns, &smp.tie) < (f.at_ns, &f.tie))
-                        {
+                        if run.progress_first.as_ref().is_none_or(|f| (smp.at_ns, &smp.tie) < (f.at_ns, &f.tie)) {
                             run.progress_first = Some(smp);
                         }
                     }
@@ -654,13 +533,11 @@ impl ClickHouseStore {
             run.notes.sort();
             run.notes.dedup();
             let n = run.notes.len();
-            run.notes
-                .drain(..n.saturating_sub(crate::runs::run::MAX_NOTES));
+            run.notes.drain(..n.saturating_sub(crate::runs::run::MAX_NOTES));
             run.payloads.sort();
             run.payloads.dedup();
             let n = run.payloads.len();
-            run.payloads
-                .drain(..n.saturating_sub(crate::runs::run::MAX_PAYLOADS));
+            run.payloads.drain(..n.saturating_sub(crate::runs::run::MAX_PAYLOADS));
             if let Some(b) = base {
                 run.violations = b.violations;
             }
@@ -762,13 +639,8 @@ impl Store for ClickHouseStore {
             process_violations: &b.process_violations,
         };
         let payload = serde_json::to_vec(&rec).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        let seq = self
-            .shared
-            .spool
-            .append(&payload)
-            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let batch: SpoolBatch =
-            serde_json::from_slice(&payload).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let seq = self.shared.spool.append(&payload).map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        let batch: SpoolBatch = serde_json::from_slice(&payload).map_err(|e| StorageError::Corrupt(e.to_string()))?;
         self.pending().apply(seq, &batch);
         self.shared.update_gauges();
         self.shared.appended.notify_one();
@@ -784,13 +656,7 @@ impl Store for ClickHouseStore {
                 break Ok(());
             }
             if Instant::now() > deadline {
-                let why = self
-                    .shared
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .unwrap_or_default();
+                let why = self.shared.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
                 break Err(StorageError::Unavailable(format!(
                     "{} spooled records not yet in ClickHouse {why}",
                     self.shared.spool.len()
@@ -803,24 +669,16 @@ impl Store for ClickHouseStore {
     }
 
     fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError> {
-        let stored = self.query_runs(&RunFilter {
-            open_only: true,
-            limit: 1_000_000,
-            ..Default::default()
-        })?;
+        let stored = self.query_runs(&RunFilter { open_only: true, limit: 1_000_000, ..Default::default() })?;
         let p = self.pending();
-        let mut by_key: BTreeMap<RunKey, ProcessRun> =
-            stored.into_iter().map(|r| (r.key(), r)).collect();
+        let mut by_key: BTreeMap<RunKey, ProcessRun> = stored.into_iter().map(|r| (r.key(), r)).collect();
         for k in p.deleted.keys() {
             by_key.remove(k);
         }
         for (k, (_, r)) in &p.runs {
             by_key.insert(k.clone(), r.clone());
         }
-        Ok(by_key
-            .into_values()
-            .filter(|r| !r.status.is_terminal())
-            .collect())
+        Ok(by_key.into_values().filter(|r| !r.status.is_terminal()).collect())
     }
 
     fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
@@ -856,8 +714,7 @@ impl Store for ClickHouseStore {
         let mut out: HashSet<u128> = HashSet::new();
         for s in ids {
             out.insert(
-                u128::from_str_radix(&s, 16)
-                    .map_err(|_| StorageError::Corrupt(format!("bad signal id {s:?}")))?,
+                u128::from_str_radix(&s, 16).map_err(|_| StorageError::Corrupt(format!("bad signal id {s:?}")))?,
             );
         }
         if let Some((_, pending)) = self.pending().signals.get(key) {
@@ -880,11 +737,7 @@ impl Store for ClickHouseStore {
         if stored.is_some() {
             return Ok(stored);
         }
-        Ok(self
-            .pending()
-            .aliases
-            .get(&(process.to_string(), trace_id.to_string()))
-            .map(|v| v.1.clone()))
+        Ok(self.pending().aliases.get(&(process.to_string(), trace_id.to_string())).map(|v| v.1.clone()))
     }
 
     fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError> {
@@ -918,21 +771,13 @@ impl Store for ClickHouseStore {
                     .fetch_all(),
             )
             .map_err(|e| self.read_err(e))?;
-        let mut names: Vec<String> = names
-            .into_iter()
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let mut names: Vec<String> = names.into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         names.sort();
         let successes: HashMap<String, i64> = self.last_successes()?.into_iter().collect();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let latest = self
-                .query_runs(&RunFilter {
-                    process: Some(name.clone()),
-                    limit: 1,
-                    ..Default::default()
-                })?
+                .query_runs(&RunFilter { process: Some(name.clone()), limit: 1, ..Default::default() })?
                 .into_iter()
                 .next();
             let active = self
@@ -954,14 +799,8 @@ impl Store for ClickHouseStore {
                         .fetch_all(),
                 )
                 .map_err(|e| self.read_err(e))?;
-            let violations = rows
-                .into_iter()
-                .map(|(rule, message, at_ns)| Violation {
-                    rule,
-                    message,
-                    at_ns,
-                })
-                .collect();
+            let violations =
+                rows.into_iter().map(|(rule, message, at_ns)| Violation { rule, message, at_ns }).collect();
             out.push(ProcessSummary {
                 last_success_at_ns: successes.get(&name).copied(),
                 latest_run: latest,
@@ -973,10 +812,7 @@ impl Store for ClickHouseStore {
         Ok(out)
     }
 
-    fn list_runs(
-        &self,
-        q: &RunQuery,
-    ) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError> {
+    fn list_runs(&self, q: &RunQuery) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError> {
         let limit = q.limit.clamp(1, 1000);
         let f = RunFilter {
             process: q.process.clone(),

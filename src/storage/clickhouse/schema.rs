@@ -42,11 +42,7 @@ struct Ddl<'a> {
 
 impl Ddl<'_> {
     fn on_cluster(&self) -> String {
-        self.o
-            .cluster
-            .as_ref()
-            .map(|c| format!(" ON CLUSTER {c}"))
-            .unwrap_or_default()
+        self.o.cluster.as_ref().map(|c| format!(" ON CLUSTER {c}")).unwrap_or_default()
     }
     /// The physical (per-shard) table name.
     fn local(&self, t: &str) -> String {
@@ -91,16 +87,8 @@ pub fn migrations(o: &SchemaOpts) -> Vec<Migration> {
     let d = Ddl { o };
     let oc = d.on_cluster();
     let db = &o.database;
-    let ttl = if o.ttl_days > 0 {
-        format!("\nTTL toDate(time) + INTERVAL {} DAY", o.ttl_days)
-    } else {
-        String::new()
-    };
-    let ttl_min = if o.ttl_days > 0 {
-        format!("\nTTL minute + INTERVAL {} DAY", o.ttl_days)
-    } else {
-        String::new()
-    };
+    let ttl = if o.ttl_days > 0 { format!("\nTTL toDate(time) + INTERVAL {} DAY", o.ttl_days) } else { String::new() };
+    let ttl_min = if o.ttl_days > 0 { format!("\nTTL minute + INTERVAL {} DAY", o.ttl_days) } else { String::new() };
     let dedup = d.dedup_setting();
     let mut v1 = vec![
         // One row per business fact and one per signal (kind span/log/event).
@@ -257,11 +245,7 @@ GROUP BY process, minute",
     for t in [EVENTS, RUNS, RUN_STATE, ALIASES, PROCESS_VIOLATIONS, ROLLUP] {
         v1.extend(d.distributed(t));
     }
-    vec![Migration {
-        version: 1,
-        name: "init",
-        statements: v1,
-    }]
+    vec![Migration { version: 1, name: "init", statements: v1 }]
 }
 
 /// Statements run before any migration: the database and the ledger.
@@ -374,8 +358,7 @@ impl EventRow {
 
 /// Attributes are stored as a JSON object in `BusinessEvent` and as a Map here.
 fn json_to_pairs(s: &str) -> Vec<(String, String)> {
-    let m: std::collections::BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(s).unwrap_or_default();
+    let m: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_str(s).unwrap_or_default();
     m.into_iter()
         .map(|(k, v)| {
             let v = match v {
@@ -388,8 +371,7 @@ fn json_to_pairs(s: &str) -> Vec<(String, String)> {
 }
 
 fn pairs_to_json(p: &[(String, String)]) -> String {
-    let m: std::collections::BTreeMap<&str, &str> =
-        p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let m: std::collections::BTreeMap<&str, &str> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     serde_json::to_string(&m).unwrap_or_default()
 }
 
@@ -426,49 +408,22 @@ mod tests {
 
     #[test]
     fn cluster_ddl_uses_on_cluster_replicated_and_distributed() {
-        let o = SchemaOpts {
-            database: "bs".into(),
-            cluster: Some("prod".into()),
-            ttl_days: 30,
-        };
-        let all: Vec<String> = bootstrap(&o)
-            .into_iter()
-            .chain(migrations(&o).into_iter().flat_map(|m| m.statements))
-            .collect();
+        let o = SchemaOpts { database: "bs".into(), cluster: Some("prod".into()), ttl_days: 30 };
+        let all: Vec<String> =
+            bootstrap(&o).into_iter().chain(migrations(&o).into_iter().flat_map(|m| m.statements)).collect();
         for s in &all {
             assert!(s.contains(" ON CLUSTER prod"), "{s}");
         }
-        for t in [
-            EVENTS,
-            RUNS,
-            RUN_STATE,
-            ALIASES,
-            PROCESS_VIOLATIONS,
-            ROLLUP,
-            "schema_migrations",
-        ] {
-            let local = all
-                .iter()
-                .find(|s| s.starts_with(&format!("CREATE TABLE IF NOT EXISTS bs.{t}_local ")))
-                .expect(t);
+        for t in [EVENTS, RUNS, RUN_STATE, ALIASES, PROCESS_VIOLATIONS, ROLLUP, "schema_migrations"] {
+            let local =
+                all.iter().find(|s| s.starts_with(&format!("CREATE TABLE IF NOT EXISTS bs.{t}_local "))).expect(t);
             assert!(local.contains("ENGINE = Replicated"), "{local}");
-            let dist = all
-                .iter()
-                .find(|s| s.starts_with(&format!("CREATE TABLE IF NOT EXISTS bs.{t} ")))
-                .expect(t);
-            assert!(
-                dist.contains(&format!("ENGINE = Distributed(prod, bs, {t}_local,")),
-                "{dist}"
-            );
+            let dist = all.iter().find(|s| s.starts_with(&format!("CREATE TABLE IF NOT EXISTS bs.{t} "))).expect(t);
+            assert!(dist.contains(&format!("ENGINE = Distributed(prod, bs, {t}_local,")), "{dist}");
         }
         let single = SchemaOpts { cluster: None, ..o };
         for s in migrations(&single).into_iter().flat_map(|m| m.statements) {
-            assert!(
-                !s.contains("ON CLUSTER")
-                    && !s.contains("Replicated")
-                    && !s.contains("Distributed"),
-                "{s}"
-            );
+            assert!(!s.contains("ON CLUSTER") && !s.contains("Replicated") && !s.contains("Distributed"), "{s}");
         }
     }
 }

@@ -25,19 +25,13 @@ pub enum SpoolError {
     #[error("the ClickHouse spool is full ({0} bytes); retry later")]
     Full(u64),
     #[error("spool I/O error in {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("spool record {0} is corrupt")]
     Corrupt(u64),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| SpoolError::Io { path: path.display().to_string(), source }
 }
 
 /// The ledger: what ClickHouse has acknowledged, and the group being sent.
@@ -98,34 +92,16 @@ impl Spool {
                 let id = format!(
                     "{:016x}",
                     xxhash_rust::xxh3::xxh3_64(
-                        format!(
-                            "{}:{}:{}",
-                            dir.display(),
-                            crate::now_ns(),
-                            std::process::id()
-                        )
-                        .as_bytes()
+                        format!("{}:{}:{}", dir.display(), crate::now_ns(), std::process::id()).as_bytes()
                     )
                 );
-                Ledger {
-                    id,
-                    acked: 0,
-                    inflight: None,
-                }
+                Ledger { id, acked: 0, inflight: None }
             }
             Err(e) => return Err(io(&ledger_path)(e)),
         };
         let mut segs: Vec<u64> = std::fs::read_dir(dir)
             .map_err(io(dir))?
-            .filter_map(|e| {
-                e.ok()?
-                    .file_name()
-                    .to_str()?
-                    .strip_prefix("seg-")?
-                    .strip_suffix(".log")?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok())
             .collect();
         segs.sort();
         let mut records = VecDeque::new();
@@ -133,11 +109,7 @@ impl Spool {
         let mut next_seq = ledger.acked + 1;
         for first in segs {
             let path = seg_path(dir, first);
-            let mut f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(io(&path))?;
+            let mut f = OpenOptions::new().read(true).write(true).open(&path).map_err(io(&path))?;
             let mut data = Vec::new();
             f.read_to_end(&mut data).map_err(io(&path))?;
             let mut off = 0usize;
@@ -152,13 +124,7 @@ impl Spool {
                     break;
                 }
                 if seq > ledger.acked {
-                    records.push_back(Meta {
-                        seq,
-                        at_ns,
-                        segment: first,
-                        offset: off as u64,
-                        len: len as u32,
-                    });
+                    records.push_back(Meta { seq, at_ns, segment: first, offset: off as u64, len: len as u32 });
                     bytes += (HEADER + len) as u64;
                 }
                 next_seq = next_seq.max(seq + 1);
@@ -173,13 +139,7 @@ impl Spool {
         let spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
-            inner: Mutex::new(Inner {
-                ledger,
-                records,
-                bytes,
-                next_seq,
-                current: None,
-            }),
+            inner: Mutex::new(Inner { ledger, records, bytes, next_seq, current: None }),
         };
         {
             let inner = spool.inner.lock().unwrap();
@@ -201,13 +161,10 @@ impl Spool {
         let path = self.dir.join("state.json");
         let tmp = self.dir.join("state.json.tmp");
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&serde_json::to_vec(l).expect("ledger serializes"))
-            .map_err(io(&tmp))?;
+        f.write_all(&serde_json::to_vec(l).expect("ledger serializes")).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
         Ok(())
     }
 
@@ -220,20 +177,11 @@ impl Spool {
         }
         let seq = inner.next_seq;
         let at_ns = crate::now_ns();
-        let roll = inner
-            .current
-            .as_ref()
-            .is_none_or(|(_, _, len)| *len >= SEGMENT_BYTES);
+        let roll = inner.current.as_ref().is_none_or(|(_, _, len)| *len >= SEGMENT_BYTES);
         if roll {
             let path = seg_path(&self.dir, seq);
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(io(&path))?;
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&self.dir))?;
+            let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+            File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
             inner.current = Some((seq, f, 0));
         }
         let (segment, file, len) = inner.current.as_mut().expect("opened above");
@@ -253,13 +201,7 @@ impl Spool {
             return Err(io(&path)(e));
         }
         *len += size;
-        let meta = Meta {
-            seq,
-            at_ns,
-            segment: *segment,
-            offset,
-            len: payload.len() as u32,
-        };
+        let meta = Meta { seq, at_ns, segment: *segment, offset, len: payload.len() as u32 };
         inner.records.push_back(meta);
         inner.bytes += size;
         inner.next_seq += 1;
@@ -268,14 +210,7 @@ impl Spool {
 
     /// Up to `max` unacknowledged records after `after`, oldest first.
     pub fn read(&self, after: u64, max: usize) -> Result<Vec<(u64, i64, Vec<u8>)>, SpoolError> {
-        let metas: Vec<Meta> = self
-            .lock()
-            .records
-            .iter()
-            .filter(|m| m.seq > after)
-            .take(max)
-            .copied()
-            .collect();
+        let metas: Vec<Meta> = self.lock().records.iter().filter(|m| m.seq > after).take(max).copied().collect();
         let mut out = Vec::with_capacity(metas.len());
         let mut open: Option<(u64, File)> = None;
         for m in metas {
@@ -291,9 +226,7 @@ impl Spool {
                 .map_err(io(&path))?;
             if checksum(m.seq, m.at_ns, &buf) != {
                 let mut h = [0u8; 8];
-                f.seek(SeekFrom::Start(m.offset + 20))
-                    .and_then(|_| f.read_exact(&mut h))
-                    .map_err(io(&path))?;
+                f.seek(SeekFrom::Start(m.offset + 20)).and_then(|_| f.read_exact(&mut h)).map_err(io(&path))?;
                 u64::from_le_bytes(h)
             } {
                 return Err(SpoolError::Corrupt(m.seq));
@@ -332,15 +265,7 @@ impl Spool {
         let current = inner.current.as_ref().map(|c| c.0);
         let mut segs: Vec<u64> = std::fs::read_dir(&self.dir)
             .map_err(io(&self.dir))?
-            .filter_map(|e| {
-                e.ok()?
-                    .file_name()
-                    .to_str()?
-                    .strip_prefix("seg-")?
-                    .strip_suffix(".log")?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok())
             .collect();
         segs.sort();
         for s in segs {

@@ -10,9 +10,7 @@
 //! and jitter; permanent ones (schema or type errors) move the group to the
 //! dead-letter file with the reason, so nothing is retried forever.
 
-use super::schema::{
-    AliasRow, EventRow, RunStateRow, ViolationRow, ALIASES, EVENTS, PROCESS_VIOLATIONS, RUN_STATE,
-};
+use super::schema::{AliasRow, EventRow, RunStateRow, ViolationRow, ALIASES, EVENTS, PROCESS_VIOLATIONS, RUN_STATE};
 use super::{SpoolBatch, StoreShared};
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
@@ -58,9 +56,7 @@ pub fn classify(e: &clickhouse::error::Error) -> Failure {
     match e {
         E::Network(_) | E::TimedOut => Failure::Transient(text),
         // Client-side validation against the table's columns: the schema differs.
-        E::SchemaMismatch(_) | E::DataFormat(_) | E::Custom(_) | E::InvalidColumnsHeader(_) => {
-            Failure::Permanent(text)
-        }
+        E::SchemaMismatch(_) | E::DataFormat(_) | E::Custom(_) | E::InvalidColumnsHeader(_) => Failure::Permanent(text),
         E::BadResponse(body) => match error_code(body) {
             Some(c) if PERMANENT_CODES.contains(&c) => Failure::Permanent(text),
             // Everything else (TOO_MANY_PARTS, timeouts, memory, Keeper,
@@ -74,11 +70,8 @@ pub fn classify(e: &clickhouse::error::Error) -> Failure {
 
 /// Exponential backoff with ±50% jitter.
 pub fn backoff(attempt: u32, max: Duration) -> Duration {
-    let base = Duration::from_millis(100)
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(max);
-    let jitter =
-        (xxhash_rust::xxh3::xxh3_64(&crate::now_ns().to_le_bytes()) % 1000) as f64 / 1000.0;
+    let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16)).min(max);
+    let jitter = (xxhash_rust::xxh3::xxh3_64(&crate::now_ns().to_le_bytes()) % 1000) as f64 / 1000.0;
     base.mul_f64(0.5 + jitter)
 }
 
@@ -115,19 +108,11 @@ pub async fn run(shared: Arc<StoreShared>) {
                 attempt = 0;
                 tracing::error!(%reason, first = group.first, last = group.last, "ClickHouse refused a batch permanently; moved to the dead-letter file");
                 dead_letter(&shared, &group, &reason);
-                shared
-                    .metrics
-                    .clickhouse
-                    .dead_lettered
-                    .fetch_add(group.batches.len() as u64, Ordering::Relaxed);
+                shared.metrics.clickhouse.dead_lettered.fetch_add(group.batches.len() as u64, Ordering::Relaxed);
                 finish(&shared, &group);
             }
             Err(Failure::Transient(reason)) => {
-                shared
-                    .metrics
-                    .clickhouse
-                    .retries
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.metrics.clickhouse.retries.fetch_add(1, Ordering::Relaxed);
                 let wait = backoff(attempt, shared.cfg.max_backoff);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(%reason, attempt, wait_ms = wait.as_millis() as u64, "ClickHouse insert failed; will retry");
@@ -146,11 +131,7 @@ fn finish(shared: &StoreShared, g: &Group) {
         tracing::error!(error = %e, "cannot record ClickHouse progress in the spool ledger");
     }
     let rows: usize = g.batches.iter().map(|(_, b)| b.events.len()).sum();
-    shared
-        .metrics
-        .clickhouse
-        .replayed_rows
-        .fetch_add(rows as u64, Ordering::Relaxed);
+    shared.metrics.clickhouse.replayed_rows.fetch_add(rows as u64, Ordering::Relaxed);
     shared.forget_pending(g.last);
     *shared.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
     shared.drained.notify_waiters();
@@ -171,10 +152,7 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
                 return Ok(None);
             };
             // Cut by rows; wait for more until the oldest record is `batch_max_wait` old.
-            let recs = shared
-                .spool
-                .read(ledger.acked, 10_000)
-                .map_err(|e| e.to_string())?;
+            let recs = shared.spool.read(ledger.acked, 10_000).map_err(|e| e.to_string())?;
             let mut rows = 0usize;
             let mut last = ledger.acked;
             for (seq, _, payload) in &recs {
@@ -185,8 +163,7 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
                 }
             }
             let age = Duration::from_nanos((crate::now_ns() - oldest).max(0) as u64);
-            let flush = shared.flush_requested.load(Ordering::Acquire)
-                || shared.stop.load(Ordering::Acquire);
+            let flush = shared.flush_requested.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire);
             if rows < shared.cfg.batch_max_rows && age < shared.cfg.batch_max_wait && !flush {
                 let wait = shared.cfg.batch_max_wait - age;
                 tokio::select! {
@@ -196,17 +173,11 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
                 }
                 return Ok(None);
             }
-            shared
-                .spool
-                .set_inflight(Some((ledger.acked + 1, last)))
-                .map_err(|e| e.to_string())?;
+            shared.spool.set_inflight(Some((ledger.acked + 1, last))).map_err(|e| e.to_string())?;
             (ledger.acked + 1, last)
         }
     };
-    let recs = shared
-        .spool
-        .read(first - 1, (last - first + 1) as usize)
-        .map_err(|e| e.to_string())?;
+    let recs = shared.spool.read(first - 1, (last - first + 1) as usize).map_err(|e| e.to_string())?;
     let mut batches = Vec::with_capacity(recs.len());
     let mut raw = Vec::with_capacity(recs.len());
     for (seq, _, payload) in recs.into_iter().filter(|r| r.0 <= last) {
@@ -214,32 +185,17 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
             Ok(b) => batches.push((seq as i64, b)),
             Err(e) => {
                 tracing::error!(seq, error = %e, "undecodable spool record; moved to the dead-letter file");
-                dead_letter_raw(
-                    shared,
-                    &payload,
-                    &format!("undecodable spool record {seq}: {e}"),
-                );
+                dead_letter_raw(shared, &payload, &format!("undecodable spool record {seq}: {e}"));
             }
         }
         raw.push(payload);
     }
-    Ok(Some(Group {
-        first,
-        last,
-        batches,
-        raw,
-    }))
+    Ok(Some(Group { first, last, batches, raw }))
 }
 
 async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
-    let token = |table: &str, part: usize| {
-        format!("{}:{}-{}:{table}:{part}", shared.spool_id, g.first, g.last)
-    };
-    let events: Vec<EventRow> = g
-        .batches
-        .iter()
-        .flat_map(|(_, b)| b.events.iter().map(EventRow::from_event))
-        .collect();
+    let token = |table: &str, part: usize| format!("{}:{}-{}:{table}:{part}", shared.spool_id, g.first, g.last);
+    let events: Vec<EventRow> = g.batches.iter().flat_map(|(_, b)| b.events.iter().map(EventRow::from_event)).collect();
     let events = without_stored(shared, events).await?;
     insert(shared, EVENTS, &events, &token(EVENTS, 0)).await?;
     let aliases: Vec<AliasRow> = g
@@ -268,13 +224,7 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
             })
         })
         .collect();
-    insert(
-        shared,
-        PROCESS_VIOLATIONS,
-        &violations,
-        &token(PROCESS_VIOLATIONS, 0),
-    )
-    .await?;
+    insert(shared, PROCESS_VIOLATIONS, &violations, &token(PROCESS_VIOLATIONS, 0)).await?;
     // Merged trace-keyed runs: re-insert their stored events under the named
     // run id (ClickHouse is append-only) and tombstone the old run in run_state.
     let mut part = 0;
@@ -318,10 +268,7 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
                 deleted: 0,
             };
             let key = (r.process.clone(), r.run_id.clone());
-            if states
-                .get(&key)
-                .is_none_or(|cur| cur.version <= row.version)
-            {
+            if states.get(&key).is_none_or(|cur| cur.version <= row.version) {
                 states.insert(key, row);
             }
         }
@@ -337,15 +284,10 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
 /// the materialized views sum are not counted twice. Deterministic event ids
 /// make this a lookup; a retried group additionally carries the same
 /// deduplication token.
-async fn without_stored(
-    shared: &StoreShared,
-    events: Vec<EventRow>,
-) -> Result<Vec<EventRow>, Failure> {
+async fn without_stored(shared: &StoreShared, events: Vec<EventRow>) -> Result<Vec<EventRow>, Failure> {
     let mut seen: HashSet<(String, String, String)> = HashSet::new();
-    let mut events: Vec<EventRow> = events
-        .into_iter()
-        .filter(|e| seen.insert((e.process.clone(), e.run_id.clone(), e.event_id.clone())))
-        .collect();
+    let mut events: Vec<EventRow> =
+        events.into_iter().filter(|e| seen.insert((e.process.clone(), e.run_id.clone(), e.event_id.clone()))).collect();
     let mut stored: HashSet<(String, String, String)> = HashSet::new();
     // Chunks keep the query text (values are inlined by the client) under max_query_size.
     for chunk in events.chunks(2000) {
@@ -367,12 +309,7 @@ async fn without_stored(
     Ok(events)
 }
 
-async fn insert<T>(
-    shared: &StoreShared,
-    table: &str,
-    rows: &[T],
-    token: &str,
-) -> Result<(), Failure>
+async fn insert<T>(shared: &StoreShared, table: &str, rows: &[T], token: &str) -> Result<(), Failure>
 where
     T: clickhouse::RowOwned + clickhouse::RowWrite,
 {
@@ -430,29 +367,18 @@ mod tests {
 
     #[test]
     fn codes_and_backoff() {
-        assert_eq!(
-            error_code("Code: 252. DB::Exception: Too many parts"),
-            Some(252)
-        );
-        let perm = clickhouse::error::Error::BadResponse(
-            "Code: 53. DB::Exception: Type mismatch. (TYPE_MISMATCH)".into(),
-        );
+        assert_eq!(error_code("Code: 252. DB::Exception: Too many parts"), Some(252));
+        let perm =
+            clickhouse::error::Error::BadResponse("Code: 53. DB::Exception: Type mismatch. (TYPE_MISMATCH)".into());
         assert!(matches!(classify(&perm), Failure::Permanent(_)));
-        let parts = clickhouse::error::Error::BadResponse(
-            "Code: 252. DB::Exception: Too many parts. (TOO_MANY_PARTS)".into(),
-        );
+        let parts =
+            clickhouse::error::Error::BadResponse("Code: 252. DB::Exception: Too many parts. (TOO_MANY_PARTS)".into());
         assert!(matches!(classify(&parts), Failure::Transient(_)));
-        assert!(matches!(
-            classify(&clickhouse::error::Error::TimedOut),
-            Failure::Transient(_)
-        ));
+        assert!(matches!(classify(&clickhouse::error::Error::TimedOut), Failure::Transient(_)));
         let max = Duration::from_secs(5);
         for a in 0..40 {
             let b = backoff(a, max);
-            assert!(
-                b <= max.mul_f64(1.5) && b >= Duration::from_millis(50),
-                "{b:?}"
-            );
+            assert!(b <= max.mul_f64(1.5) && b >= Duration::from_millis(50), "{b:?}");
         }
     }
 }
