@@ -25,6 +25,11 @@ if ! command -v promtool >/dev/null 2>&1; then
     fi
 fi
 
+# Formatting is part of the suite (rustfmt.toml), when rustfmt is installed.
+if cargo fmt --version >/dev/null 2>&1; then
+    cargo fmt --all -- --check
+fi
+
 cargo test --all-targets --locked
 
 # The live page in a real browser: Debian's chromium driven by playwright-core
