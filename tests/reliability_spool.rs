@@ -27,7 +27,7 @@ async fn full_spool_refuses_retryably_and_restart_replays_exactly_once() {
     })
     .await;
     tokio::task::block_in_place(|| chs.stop());
-    // ~60 KiB of payload per request: the 1 MiB spool fills after a few dozen.
+    // ~60 KiB of payload per request (and the run state carrying them): the 1 MiB spool fills within a few requests.
     let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(60 << 10));
     let mut acked = Vec::new();
     let mut refused = None;

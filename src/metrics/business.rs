@@ -306,7 +306,7 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
     use crate::classify::REJECT_REASONS;
     use std::sync::atomic::Ordering::Relaxed;
     type Getter = fn(&SelfMetrics) -> u64;
-    let counters: [(&'static str, &'static str, &'static str, Getter); 12] = [
+    let counters: [(&'static str, &'static str, &'static str, Getter); 15] = [
         (
             "bizsignal.requests.refused",
             "{request}",
@@ -348,7 +348,22 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
         ("bizsignal.storage.failures", "{commit}", "Storage writes that failed.", |m| m.storage_failures.load(Relaxed)),
         ("bizsignal.metrics.export.failures", "{export}", "OTLP metric exports that failed.", |m| {
             m.export_failures.load(Relaxed)
+        }), // The ClickHouse writer; zero with the SQLite backend.
+        (
+            "bizsignal.clickhouse.rows_written",
+            "{row}",
+            "Event rows drained from the spool into ClickHouse (replay progress).",
+            |m| m.clickhouse.replayed_rows.load(Relaxed),
+        ),
+        ("bizsignal.clickhouse.retries", "{insert}", "ClickHouse inserts retried after a transient failure.", |m| {
+            m.clickhouse.retries.load(Relaxed)
         }),
+        (
+            "bizsignal.clickhouse.dead_lettered",
+            "{batch}",
+            "Spooled batches ClickHouse refused permanently (see the dead-letter file).",
+            |m| m.clickhouse.dead_lettered.load(Relaxed),
+        ),
     ];
     for (name, unit, desc, get) in counters {
         let m = m.clone();
@@ -370,33 +385,7 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
             }
         })
         .build();
-    // The ClickHouse spool and writer; zero with the SQLite backend.
-    let ch_counters: [(&'static str, &'static str, &'static str, Getter); 3] = [
-        (
-            "bizsignal.clickhouse.rows_written",
-            "{row}",
-            "Event rows drained from the spool into ClickHouse (replay progress).",
-            |m| m.clickhouse.replayed_rows.load(Relaxed),
-        ),
-        ("bizsignal.clickhouse.retries", "{insert}", "ClickHouse inserts retried after a transient failure.", |m| {
-            m.clickhouse.retries.load(Relaxed)
-        }),
-        (
-            "bizsignal.clickhouse.dead_lettered",
-            "{batch}",
-            "Spooled batches ClickHouse refused permanently (see the dead-letter file).",
-            |m| m.clickhouse.dead_lettered.load(Relaxed),
-        ),
-    ];
-    for (name, unit, desc, get) in ch_counters {
-        let m = m.clone();
-        meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(desc)
-            .with_callback(move |o| o.observe(get(&m), &[]))
-            .build();
-    }
+    // The ClickHouse spool gauges; zero with the SQLite backend.
     let ch_gauges: [(&'static str, &'static str, &'static str, fn(&SelfMetrics) -> f64); 3] = [
         ("bizsignal.clickhouse.spool", "By", "Bytes in the ClickHouse spool (durable, not yet in ClickHouse).", |m| {
             m.clickhouse.spool_bytes.load(Relaxed) as f64

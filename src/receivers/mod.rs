@@ -45,17 +45,26 @@ impl ProcessRegistry {
         ProcessRegistry { known: std::sync::Mutex::new(existing.into_iter().collect()), max }
     }
 
-    /// Whether signals of `process` may be accepted (registering it if there is room).
-    pub fn admit(&self, process: &str) -> bool {
+    /// Removes the signals of processes beyond the limit (registering new
+    /// processes while there is room) and returns them. One lock per request,
+    /// and signals of already-known processes cost one set lookup.
+    pub fn admit(&self, signals: &mut Vec<crate::signal::Signal>) -> Vec<crate::signal::Signal> {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        if known.contains(process) {
-            return true;
+        if signals.iter().all(|sig| known.contains(&sig.process)) {
+            return Vec::new();
         }
-        if known.len() >= self.max {
-            return false;
-        }
-        known.insert(process.to_string());
-        true
+        let (admitted, refused) = std::mem::take(signals).into_iter().partition(|sig| {
+            if known.contains(&sig.process) {
+                return true;
+            }
+            if known.len() < self.max {
+                known.insert(sig.process.clone());
+                return true;
+            }
+            false
+        });
+        *signals = admitted;
+        refused
     }
 }
 
@@ -75,22 +84,13 @@ impl Intake {
     }
 
     pub async fn submit(&self, mut c: Classified) -> Result<Accepted, SubmitError> {
-        if c.signals.iter().any(|s| !self.processes.admit(&s.process)) {
+        let refused = self.processes.admit(&mut c.signals);
+        if !refused.is_empty() {
             let code = crate::classify::REJECT_REASONS.iter().position(|r| *r == "process_limit").unwrap_or(0);
             let max = self.processes.max;
-            let signals = std::mem::take(&mut c.signals);
-            for s in signals {
-                if self.processes.admit(&s.process) {
-                    c.signals.push(s);
-                } else {
-                    c.reject(
-                        code,
-                        format!(
-                            "process {:?}: more than limits.max_processes ({max}) distinct processes",
-                            crate::classify::truncate(&s.process, 64)
-                        ),
-                    );
-                }
+            for sig in refused {
+                let name = crate::classify::truncate(&sig.process, 64);
+                c.reject(code, format!("process {name:?}: more than limits.max_processes ({max}) distinct processes"));
             }
         }
         SelfMetrics::add(&self.metrics.records_discarded, c.discarded);
