@@ -42,6 +42,7 @@ pub struct RunningApp {
     auth_reloader: JoinHandle<()>,
     tracker_shutdown: Arc<AtomicBool>,
     tracker_thread: std::thread::JoinHandle<()>,
+    store: Arc<dyn Store>,
     /// The metrics pipeline (OTLP export and `/metrics`).
     pub exposition: Arc<MetricsPipeline>,
     shutdown_timeout: Duration,
@@ -55,8 +56,8 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         .map_err(|e| StorageError::Unavailable(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
     let store: Arc<dyn Store> = match config.storage.kind {
         StorageKind::Sqlite => {
-            let path = config.sqlite_path();
-            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+            let (path, cfg, m) = (config.sqlite_path(), config.storage.sqlite.clone(), metrics.clone());
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open_with(&path, &cfg, Some(m)))
                 .await
                 .map_err(|e| StorageError::Unavailable(e.to_string()))??;
             Arc::new(store)
@@ -172,7 +173,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         retry_after: config.pipeline.retry_after,
     };
     let queries = Queries {
-        store,
+        store: store.clone(),
         configured_processes: config.processes.keys().cloned().collect(),
         tracker: tracker.clone(),
         stop: stop_rx.clone(),
@@ -209,6 +210,7 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         auth_reloader,
         tracker_shutdown,
         tracker_thread,
+        store,
         exposition,
         shutdown_timeout: config.pipeline.shutdown_timeout,
         ready,
@@ -216,6 +218,11 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
 }
 
 impl RunningApp {
+    /// The store (tests read it directly).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// Stops in stages; returns false when a stage missed its deadline.
     pub async fn shutdown(self) -> bool {
         let mut clean = true;
@@ -238,6 +245,18 @@ impl RunningApp {
         if tokio::time::timeout(self.shutdown_timeout, join).await.is_err() {
             tracing::warn!("the run tracker did not drain before the deadline");
             clean = false;
+        }
+        // Writers: the SQLite journal is applied, the ClickHouse spool drained
+        // as far as the deadline allows (what is left is durable and replays
+        // at the next start).
+        tracing::info!("shutting down: flushing storage");
+        let (store, deadline) = (self.store.clone(), self.shutdown_timeout);
+        match tokio::task::spawn_blocking(move || store.flush(deadline)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "storage not flushed at shutdown; the journal keeps it for the next start")
+            }
+            Err(_) => {}
         }
         // A last OTLP export with the final values, then stop the readers.
         let exposition = self.exposition.clone();

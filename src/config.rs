@@ -330,11 +330,26 @@ pub fn valid_identifier(s: &str) -> bool {
         && s.len() <= 128
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SqliteConfig {
     /// Database file; default `<data_dir>/bizsignal.db`.
     pub path: Option<PathBuf>,
+    /// How often acknowledged batches are moved from the journal into the
+    /// database (one transaction for all of them). Reads never wait for it:
+    /// a read first applies whatever is pending.
+    #[serde(deserialize_with = "de_duration")]
+    pub commit_interval: Duration,
+    /// The journal (`<database>.journal/`): acknowledged batches not yet in
+    /// the database. When full, intake is refused with retryable statuses.
+    #[serde(deserialize_with = "de_bytes")]
+    pub journal_max_bytes: usize,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig { path: None, commit_interval: Duration::from_millis(500), journal_max_bytes: 256 << 20 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -589,6 +604,13 @@ impl Config {
             })?;
         }
         crate::metrics::user::validate(&self.metrics).map_err(|(path, reason)| ConfigError::at(file, path, reason))?;
+        let sq = &self.storage.sqlite;
+        if sq.journal_max_bytes < 64 << 10 {
+            return Err(ConfigError::at(file, "storage.sqlite.journal_max_bytes", "must be at least 64KiB"));
+        }
+        if sq.commit_interval.is_zero() || sq.commit_interval > Duration::from_secs(60) {
+            return Err(ConfigError::at(file, "storage.sqlite.commit_interval", "must be between 1ms and 60s"));
+        }
         if self.storage.kind == StorageKind::Clickhouse {
             let ch = &self.storage.clickhouse;
             let at = |k: &str, r: String| ConfigError::at(file, format!("storage.clickhouse.{k}"), r);

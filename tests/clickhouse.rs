@@ -136,7 +136,7 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
     drop(store);
     let spool_dir = dir.path().join("clickhouse-spool");
     {
-        let spool = bizsignal::storage::clickhouse::spool::Spool::open(&spool_dir, 1 << 30).unwrap();
+        let spool = bizsignal::storage::spool::Spool::open(&spool_dir, 1 << 30).unwrap();
         let rec = serde_json::json!({"written_ns": t, "events": b.events, "runs": b.runs, "merges": [], "aliases": [], "process_violations": []});
         spool.append(&serde_json::to_vec(&rec).unwrap()).unwrap();
     }

@@ -306,7 +306,7 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
     use crate::classify::REJECT_REASONS;
     use std::sync::atomic::Ordering::Relaxed;
     type Getter = fn(&SelfMetrics) -> u64;
-    let counters: [(&'static str, &'static str, &'static str, Getter); 15] = [
+    let counters: [(&'static str, &'static str, &'static str, Getter); 16] = [
         (
             "bizsignal.requests.refused",
             "{request}",
@@ -346,6 +346,12 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
         }),
         ("bizsignal.storage.commits", "{commit}", "Batches committed to storage.", |m| m.storage_commits.load(Relaxed)),
         ("bizsignal.storage.failures", "{commit}", "Storage writes that failed.", |m| m.storage_failures.load(Relaxed)),
+        (
+            "bizsignal.storage.journal.discarded",
+            "By",
+            "Bytes cut off the journal or spool at start-up: a record torn by a crash (never acknowledged) or corrupted on disk.",
+            |m| m.journal_discarded_bytes.load(Relaxed),
+        ),
         ("bizsignal.metrics.export.failures", "{export}", "OTLP metric exports that failed.", |m| {
             m.export_failures.load(Relaxed)
         }), // The ClickHouse writer; zero with the SQLite backend.
@@ -411,6 +417,13 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
             .with_callback(move |o| o.observe(get(&m), &[]))
             .build();
     }
+    let mm = m.clone();
+    meter
+        .i64_observable_gauge("bizsignal.storage.journal")
+        .with_unit("By")
+        .with_description("Bytes in the SQLite journal: acknowledged, durable, not yet applied to the database.")
+        .with_callback(move |o| o.observe(mm.journal_bytes.load(Relaxed) as i64, &[]))
+        .build();
     let mm = m.clone();
     meter
         .i64_observable_gauge("bizsignal.queue.depth")

@@ -39,6 +39,10 @@ pub struct SelfMetrics {
     pub storage_failures: AtomicU64,
     pub storage_commit_nanos: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// Bytes cut off journal/spool tails at start-up (torn or corrupt records).
+    pub journal_discarded_bytes: AtomicU64,
+    /// Bytes in the SQLite journal not yet applied to the database.
+    pub journal_bytes: AtomicU64,
     /// OTLP metric exports that failed.
     pub export_failures: AtomicU64,
     /// Storage write latency histogram, set once the meter provider exists.

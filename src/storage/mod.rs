@@ -4,6 +4,7 @@
 //! same conformance suite (`tests/storage_conformance.rs`).
 
 pub mod clickhouse;
+pub mod spool;
 pub mod sqlite;
 
 use crate::runs::run::{ProcessRun, Violation};
@@ -20,7 +21,7 @@ pub enum StorageError {
 }
 
 /// Everything one tracker commit changes, written atomically.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
     pub events: Vec<BusinessEvent>,
     /// Runs to insert or replace (full state).

@@ -17,44 +17,22 @@
 //! from `spawn_blocking`, never from an async task.
 
 pub mod schema;
-pub mod spool;
 pub mod writer;
 
+use super::spool::{Spool, SpoolBatch};
 use super::{ProcessSummary, RunCursor, RunQuery, StorageError, Store, WriteBatch};
 use crate::config::ClickHouseConfig;
 use crate::metrics::SelfMetrics;
 use crate::runs::run::{Milestone, Note, Payload, ProcessRun, RunStatus, Sample, Terminal, Violation};
 use crate::signal::{BusinessEvent, RunKey};
 use schema::{EventRow, SchemaOpts};
-use serde::{Deserialize, Serialize};
-use spool::Spool;
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-
-/// One spool record: a tracker commit.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SpoolBatch {
-    pub written_ns: i64,
-    pub events: Vec<BusinessEvent>,
-    pub runs: Vec<ProcessRun>,
-    pub merges: Vec<(RunKey, String)>,
-    pub aliases: Vec<(String, String, String)>,
-    pub process_violations: Vec<(String, Violation)>,
-}
-
-#[derive(Serialize)]
-struct SpoolBatchRef<'a> {
-    written_ns: i64,
-    events: &'a [BusinessEvent],
-    runs: &'a [ProcessRun],
-    merges: &'a [(RunKey, String)],
-    aliases: &'a [(String, String, String)],
-    process_violations: &'a [(String, Violation)],
-}
 
 /// Rows a spool record will insert (for cutting groups), without decoding it all.
 fn rows_hint(payload: &[u8]) -> usize {
@@ -299,12 +277,13 @@ impl ClickHouseStore {
             .await
             .map_err(|e| StorageError::Unavailable(e.to_string()))?
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        SelfMetrics::add(&metrics.journal_discarded_bytes, spool.discarded_bytes());
         let ledger = spool.ledger();
         let mut pending = Pending::default();
         for (seq, _, payload) in
             spool.read(ledger.acked, usize::MAX).map_err(|e| StorageError::Corrupt(e.to_string()))?
         {
-            if let Ok(b) = serde_json::from_slice::<SpoolBatch>(&payload) {
+            if let Ok(b) = SpoolBatch::decode(&payload) {
                 pending.apply(seq, &b);
             }
         }
@@ -630,17 +609,9 @@ impl Store for ClickHouseStore {
         if b.is_empty() {
             return Ok(());
         }
-        let rec = SpoolBatchRef {
-            written_ns: crate::now_ns(),
-            events: &b.events,
-            runs: &b.runs,
-            merges: &b.merges,
-            aliases: &b.aliases,
-            process_violations: &b.process_violations,
-        };
-        let payload = serde_json::to_vec(&rec).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let payload = SpoolBatch::encode(b);
         let seq = self.shared.spool.append(&payload).map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let batch: SpoolBatch = serde_json::from_slice(&payload).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let batch = SpoolBatch::decode(&payload).map_err(|e| StorageError::Corrupt(e.to_string()))?;
         self.pending().apply(seq, &batch);
         self.shared.update_gauges();
         self.shared.appended.notify_one();

@@ -11,7 +11,8 @@
 //! dead-letter file with the reason, so nothing is retried forever.
 
 use super::schema::{AliasRow, EventRow, RunStateRow, ViolationRow, ALIASES, EVENTS, PROCESS_VIOLATIONS, RUN_STATE};
-use super::{SpoolBatch, StoreShared};
+use super::StoreShared;
+use crate::storage::spool::SpoolBatch;
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
@@ -181,7 +182,7 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
     let mut batches = Vec::with_capacity(recs.len());
     let mut raw = Vec::with_capacity(recs.len());
     for (seq, _, payload) in recs.into_iter().filter(|r| r.0 <= last) {
-        match serde_json::from_slice::<SpoolBatch>(&payload) {
+        match SpoolBatch::decode(&payload) {
             Ok(b) => batches.push((seq as i64, b)),
             Err(e) => {
                 tracing::error!(seq, error = %e, "undecodable spool record; moved to the dead-letter file");

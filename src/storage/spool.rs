@@ -1,15 +1,24 @@
-//! The on-disk spool: every `WriteBatch` the tracker commits is appended here
-//! (length-prefixed, checksummed, fsynced) before `write()` returns, and the
-//! writer drains it into ClickHouse in order. This is what makes a ClickHouse
-//! write durable at ack time, and what keeps intake going while ClickHouse is
-//! unreachable. Bounded: when `max_bytes` is reached, `append` refuses and
-//! the receivers answer with retryable statuses.
+//! The on-disk spool (write-ahead journal): every `WriteBatch` the tracker
+//! commits is appended here (length-prefixed, checksummed, fsynced) before
+//! `Store::write()` returns, and a background writer applies it to the
+//! database in order: ClickHouse (`clickhouse/writer.rs`) or SQLite
+//! (`sqlite.rs`, in bigger transactions than one per commit). This is what
+//! makes a write durable at ack time, and what keeps intake going while the
+//! database is slow or unreachable. Bounded: when `max_bytes` is reached,
+//! `append` refuses and the receivers answer with retryable statuses.
 //!
 //! Layout in the spool dir: `seg-<first seq>.log` segment files and a
 //! `state.json` ledger `{id, acked, inflight}` (replaced atomically). Record:
 //! `len u32 | seq u64 | at_ns i64 | xxh3 u64 of (seq, at_ns, payload) | payload`.
-//! A torn record at the tail (crash mid-append) is cut off on open.
+//! On open, each segment is read up to its first record that is short or
+//! fails its checksum; the rest of that segment is cut off, logged, and
+//! counted ([`Spool::discarded_bytes`], the `bizsignal.storage.journal.discarded`
+//! self-metric). After a crash that is the record being appended, which was
+//! never acknowledged; anywhere else it is disk corruption.
 
+use super::WriteBatch;
+use crate::runs::run::{ProcessRun, Violation};
+use crate::signal::{BusinessEvent, RunKey};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -22,12 +31,62 @@ const SEGMENT_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("the ClickHouse spool is full ({0} bytes); retry later")]
+    #[error("the spool is full ({0} bytes); retry later")]
     Full(u64),
     #[error("spool I/O error in {path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("spool record {0} is corrupt")]
     Corrupt(u64),
+}
+
+/// One spool record: a tracker commit.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SpoolBatch {
+    pub written_ns: i64,
+    pub events: Vec<BusinessEvent>,
+    pub runs: Vec<ProcessRun>,
+    pub merges: Vec<(RunKey, String)>,
+    pub aliases: Vec<(String, String, String)>,
+    pub process_violations: Vec<(String, Violation)>,
+}
+
+#[derive(Serialize)]
+struct SpoolBatchRef<'a> {
+    written_ns: i64,
+    events: &'a [BusinessEvent],
+    runs: &'a [ProcessRun],
+    merges: &'a [(RunKey, String)],
+    aliases: &'a [(String, String, String)],
+    process_violations: &'a [(String, Violation)],
+}
+
+impl SpoolBatch {
+    /// The record payload for a batch (JSON; see docs/storage.md).
+    pub fn encode(b: &WriteBatch) -> Vec<u8> {
+        let rec = SpoolBatchRef {
+            written_ns: crate::now_ns(),
+            events: &b.events,
+            runs: &b.runs,
+            merges: &b.merges,
+            aliases: &b.aliases,
+            process_violations: &b.process_violations,
+        };
+        serde_json::to_vec(&rec).expect("a write batch serializes")
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<SpoolBatch, serde_json::Error> {
+        serde_json::from_slice(payload)
+    }
+
+    pub fn into_write_batch(self) -> WriteBatch {
+        WriteBatch {
+            events: self.events,
+            runs: self.runs,
+            merges: self.merges,
+            aliases: self.aliases,
+            process_violations: self.process_violations,
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -67,6 +126,8 @@ struct Inner {
 pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
+    /// Bytes cut off segment tails when this spool was opened.
+    discarded: u64,
     inner: Mutex<Inner>,
 }
 
@@ -107,6 +168,7 @@ impl Spool {
         let mut records = VecDeque::new();
         let mut bytes = 0;
         let mut next_seq = ledger.acked + 1;
+        let mut discarded = 0u64;
         for first in segs {
             let path = seg_path(dir, first);
             let mut f = OpenOptions::new().read(true).write(true).open(&path).map_err(io(&path))?;
@@ -131,7 +193,13 @@ impl Spool {
                 off += HEADER + len;
             }
             if off < data.len() {
-                tracing::warn!(segment = %path.display(), at = off, "cutting a torn record off the spool tail");
+                discarded += (data.len() - off) as u64;
+                tracing::warn!(
+                    segment = %path.display(),
+                    at = off,
+                    bytes = data.len() - off,
+                    "cutting a torn or corrupt record off a spool segment"
+                );
                 f.set_len(off as u64).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
             }
@@ -139,6 +207,7 @@ impl Spool {
         let spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
+            discarded,
             inner: Mutex::new(Inner { ledger, records, bytes, next_seq, current: None }),
         };
         {
@@ -248,6 +317,9 @@ impl Spool {
     pub fn ack(&self, seq: u64) -> Result<(), SpoolError> {
         let mut inner = self.lock();
         inner.ledger.acked = inner.ledger.acked.max(seq);
+        // The database may know of records this spool lost (a deleted spool
+        // dir): never hand out a sequence number it already applied.
+        inner.next_seq = inner.next_seq.max(seq + 1);
         inner.ledger.inflight = None;
         while inner.records.front().is_some_and(|m| m.seq <= seq) {
             let m = inner.records.pop_front().unwrap();
@@ -276,6 +348,11 @@ impl Spool {
             }
         }
         Ok(())
+    }
+
+    /// Bytes cut off segment tails when this spool was opened.
+    pub fn discarded_bytes(&self) -> u64 {
+        self.discarded
     }
 
     pub fn bytes(&self) -> u64 {
@@ -326,6 +403,7 @@ mod tests {
         f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.len(), 3);
+        assert_eq!(s.discarded_bytes(), 6);
         assert_eq!(s.append(b"x").unwrap(), 6);
         assert_eq!(s.read(5, 10).unwrap()[0].2, b"x");
         s.ack(6).unwrap();
