@@ -18,8 +18,8 @@ mod common;
 use common::serve::ServeProcess as Proc;
 
 const MIB: u64 = 1 << 20;
-/// The budget under test (MiB); `BIZSIGNAL_TEST_INFLIGHT_MIB` overrides it
-/// to show what happens without a tight budget.
+/// The budget under test (MiB). `BIZSIGNAL_TEST_INFLIGHT_MIB` sets another
+/// one on the server (the RSS bound stays), to show the test fails without it.
 const INFLIGHT_MIB: u64 = 16;
 const HTTP_CLIENTS: usize = 40;
 const GRPC_CLIENTS: usize = 24;
@@ -198,9 +198,10 @@ async fn large_requests_under_overload_stay_within_the_inflight_budget() {
     );
     // The budget counts request bytes (as read, inflated and decoded);
     // transport buffers come on top (hyper's HTTP/1 read buffer, the HTTP/2
-    // flow-control window): allow 1 MiB per client connection for them.
+    // flow-control window): allow 1.25 MiB per client connection for them.
     let clients = (HTTP_CLIENTS + GRPC_CLIENTS) as u64;
-    let bound = baseline + (2 * inflight + clients * MIB) / 1024;
+    // (From the budget under test, also when BIZSIGNAL_TEST_INFLIGHT_MIB loosens the server's.)
+    let bound = baseline + (2 * INFLIGHT_MIB * MIB + clients * MIB * 5 / 4) / 1024;
     assert!(peak < bound, "peak RSS {peak} KiB over the bound of {bound} KiB (baseline {baseline} KiB)");
     assert_eq!(total.acked + total.refused, sent);
     assert!(memory_limited > 0, "the budget was never reached: the test does not overload");
