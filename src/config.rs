@@ -868,6 +868,25 @@ mod tests {
     }
 
     #[test]
+    fn intake_limits_are_validated() {
+        let c = Config::from_yaml("limits: { requests_per_second_per_client: 2.5 }\n", "c.yaml").unwrap();
+        assert_eq!(c.limits.max_inflight_bytes, 256 << 20);
+        assert_eq!(c.limits.requests_per_second_per_client, Some(2.5));
+        for (yaml, key) in [
+            ("limits: { max_inflight_bytes: 64MiB }\n", "limits.max_inflight_bytes"),
+            ("limits: { requests_per_second_per_client: 0 }\n", "limits.requests_per_second_per_client"),
+            ("limits: { request_burst_per_client: 5 }\n", "limits.request_burst_per_client"),
+            (
+                "limits: { requests_per_second_per_client: 1, request_burst_per_client: 0 }\n",
+                "limits.request_burst_per_client",
+            ),
+        ] {
+            let e = Config::from_yaml(yaml, "c.yaml").unwrap_err().to_string();
+            assert!(e.starts_with(&format!("c.yaml: {key}:")), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key_path() {
         let e =
             Config::from_yaml("processes:\n  imp:\n    stall_after: 5 parsecs\n", "c.yaml").unwrap_err().to_string();
