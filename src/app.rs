@@ -9,6 +9,7 @@ use crate::classify::Classifier;
 use crate::config::{Config, StorageKind};
 use crate::metrics::export::MetricsPipeline;
 use crate::metrics::SelfMetrics;
+use crate::receivers::admission::HttpAdmission;
 use crate::receivers::{grpc::GrpcReceiver, http::HttpReceiver, Intake};
 use crate::runs::tracker::{Tracker, TrackerHandle};
 use crate::storage::{sqlite::SqliteStore, StorageError, Store};
@@ -136,13 +137,21 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
     };
     let mut servers = Vec::new();
 
+    let admission = crate::receivers::admission::Admission::new(
+        &config.limits,
+        config.pipeline.retry_after,
+        auth.clone(),
+        metrics.clone(),
+    );
     let grpc = GrpcReceiver::new(intake.clone(), config.pipeline.retry_after)
         .router(config.limits.max_decompressed_bytes, crate::auth::grpc_interceptor(auth.clone()));
     let incoming = grpc_l.into_stream();
+    let grpc_admission = admission.clone();
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         let server = tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(crate::receivers::grpc::invalid_argument_for_decode_errors))
+            .layer(crate::receivers::admission::GrpcAdmissionLayer(grpc_admission))
             .add_routes(grpc)
             .serve_with_incoming_shutdown(incoming, stopped(rx));
         if let Err(e) = server.await {
@@ -157,11 +166,16 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         retry_after: config.pipeline.retry_after,
     }
     .router()
+    .layer(axum::middleware::from_fn_with_state(
+        HttpAdmission { admission: admission.clone(), max_body_bytes: config.limits.max_request_bytes, otlp: true },
+        crate::receivers::admission::http_admission,
+    ))
     .layer(axum::middleware::from_fn_with_state(auth.clone(), crate::auth::otlp_http_auth))
     .layer(axum::middleware::from_fn_with_state(cors.clone(), crate::auth::cors));
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_l, otlp_router).with_graceful_shutdown(stopped(rx)).await {
+        let svc = otlp_router.into_make_service_with_connect_info::<crate::net::ConnInfo>();
+        if let Err(e) = axum::serve(http_l, svc).with_graceful_shutdown(stopped(rx)).await {
             tracing::error!(error = %e, "OTLP/HTTP server failed");
         }
     }));
@@ -189,11 +203,17 @@ pub async fn start(config: Config) -> Result<RunningApp, AppError> {
         events,
     })
     .merge(grpc_api)
+    .layer(axum::middleware::from_fn_with_state(
+        // axum's default body limit applies to POST /api/v1/events.
+        HttpAdmission { admission, max_body_bytes: 2 << 20, otlp: false },
+        crate::receivers::admission::http_admission,
+    ))
     .layer(axum::middleware::from_fn_with_state(auth.clone(), crate::auth::api_auth))
     .layer(axum::middleware::from_fn_with_state(cors, crate::auth::cors));
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(api_l, api_router).with_graceful_shutdown(stopped(rx)).await {
+        let svc = api_router.into_make_service_with_connect_info::<crate::net::ConnInfo>();
+        if let Err(e) = axum::serve(api_l, svc).with_graceful_shutdown(stopped(rx)).await {
             tracing::error!(error = %e, "API server failed");
         }
     }));

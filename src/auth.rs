@@ -123,7 +123,7 @@ impl Tokens {
     }
 }
 
-fn bearer(v: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer(v: &[u8]) -> Option<&[u8]> {
     if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
         Some(v[7..].trim_ascii())
     } else {

@@ -167,6 +167,19 @@ pub struct Limits {
     /// evicted: marked with an `evicted` violation, kept in storage, reloaded
     /// when a signal arrives (no stall or deadline checks while evicted).
     pub max_active_runs: usize,
+    /// Memory budget for intake requests in flight (bodies as they are
+    /// read, inflated and decoded, their signals while queued and until
+    /// answered); beyond it receivers refuse with retryable statuses.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_inflight_bytes: usize,
+    /// Token-bucket rate of intake requests per client (peer IP, or intake
+    /// token when tokens are configured); `None` (the default) is no limit.
+    #[serde(deserialize_with = "de_opt_rate")]
+    pub requests_per_second_per_client: Option<f64>,
+    /// Bucket size: requests a client may send at once after being idle;
+    /// default the rate rounded up (at least 1).
+    #[serde(deserialize_with = "de_opt_usize")]
+    pub request_burst_per_client: Option<usize>,
 }
 
 impl Default for Limits {
@@ -181,6 +194,9 @@ impl Default for Limits {
             max_number: 1e15,
             max_processes: 10_000,
             max_active_runs: 100_000,
+            max_inflight_bytes: 256 << 20,
+            requests_per_second_per_client: None,
+            request_burst_per_client: None,
         }
     }
 }
@@ -527,6 +543,32 @@ impl Config {
                 "must be at least limits.max_request_bytes",
             ));
         }
+        if l.max_inflight_bytes < l.max_request_bytes.saturating_add(l.max_decompressed_bytes) {
+            return Err(ConfigError::at(
+                file,
+                "limits.max_inflight_bytes",
+                "must be at least limits.max_request_bytes + limits.max_decompressed_bytes (so the largest request fits)",
+            ));
+        }
+        if let Some(r) = l.requests_per_second_per_client {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(ConfigError::at(
+                    file,
+                    "limits.requests_per_second_per_client",
+                    "must be a positive number",
+                ));
+            }
+        }
+        if l.request_burst_per_client == Some(0) {
+            return Err(ConfigError::at(file, "limits.request_burst_per_client", "must be at least 1"));
+        }
+        if l.request_burst_per_client.is_some() && l.requests_per_second_per_client.is_none() {
+            return Err(ConfigError::at(
+                file,
+                "limits.request_burst_per_client",
+                "needs limits.requests_per_second_per_client",
+            ));
+        }
         if l.max_processes == 0 || l.max_active_runs == 0 {
             return Err(ConfigError::at(file, "limits", "max_processes and max_active_runs must be greater than zero"));
         }
@@ -800,6 +842,14 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
     de_duration(d).map(Some)
 }
 
+fn de_opt_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    f64::deserialize(d).map(Some)
+}
+
+fn de_opt_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    usize::deserialize(d).map(Some)
+}
+
 fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match NumOrStr::deserialize(d)? {
         NumOrStr::Num(n) if n >= 0.0 && n.fract() == 0.0 => Ok(n as usize),
@@ -837,6 +887,25 @@ mod tests {
         assert_eq!(c.pipeline.queue_capacity, 17);
         let e = Config::from_yaml("data_dir: \"${env:BIZSIGNAL_NOT_SET_XYZ}\"\n", "t.yaml").unwrap_err().to_string();
         assert!(e.contains("data_dir") && e.contains("BIZSIGNAL_NOT_SET_XYZ is not set"), "{e}");
+    }
+
+    #[test]
+    fn intake_limits_are_validated() {
+        let c = Config::from_yaml("limits: { requests_per_second_per_client: 2.5 }\n", "c.yaml").unwrap();
+        assert_eq!(c.limits.max_inflight_bytes, 256 << 20);
+        assert_eq!(c.limits.requests_per_second_per_client, Some(2.5));
+        for (yaml, key) in [
+            ("limits: { max_inflight_bytes: 64MiB }\n", "limits.max_inflight_bytes"),
+            ("limits: { requests_per_second_per_client: 0 }\n", "limits.requests_per_second_per_client"),
+            ("limits: { request_burst_per_client: 5 }\n", "limits.request_burst_per_client"),
+            (
+                "limits: { requests_per_second_per_client: 1, request_burst_per_client: 0 }\n",
+                "limits.request_burst_per_client",
+            ),
+        ] {
+            let e = Config::from_yaml(yaml, "c.yaml").unwrap_err().to_string();
+            assert!(e.starts_with(&format!("c.yaml: {key}:")), "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -331,12 +331,27 @@ fn migrate(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
 }
 
 fn serve(cfg: Config) -> anyhow::Result<bool> {
+    ignore_sigxfsz();
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {
         let app = bizsignal::app::start(cfg).await?;
         wait_for_signal().await;
         Ok(app.shutdown().await)
     })
+}
+
+/// A write past the file-size limit (`RLIMIT_FSIZE`: `ulimit -f`, systemd's
+/// `LimitFSIZE=`, a container's limit) makes the kernel send SIGXFSZ, whose
+/// default action kills the process — with storage full, every restart would
+/// die at its first write (a crash loop). Ignored, the write fails with EFBIG
+/// instead: the commit fails, clients get a retryable 503 / UNAVAILABLE, and
+/// reads and health checks keep working (like ENOSPC on a full disk).
+fn ignore_sigxfsz() {
+    #[cfg(unix)]
+    // SAFETY: called before any other thread exists; SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 }
 
 async fn wait_for_signal() {

@@ -144,6 +144,13 @@ impl tonic::transport::server::Connected for Conn {
     }
 }
 
+/// Connection info handed to axum (`ConnectInfo<ConnInfo>`), for per-client limits.
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Acceptor>> for ConnInfo {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Acceptor>) -> ConnInfo {
+        ConnInfo { remote: *stream.remote_addr() }
+    }
+}
+
 /// Accepted (and, with TLS, handshaken) connections of one port.
 pub struct Acceptor {
     rx: mpsc::Receiver<Conn>,

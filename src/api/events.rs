@@ -164,7 +164,21 @@ impl EventsIntake {
     }
 }
 
-pub async fn post_event(State(api): State<super::ApiState>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
+pub async fn post_event(
+    State(api): State<super::ApiState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if crate::receivers::admission::is_memory_exhausted(&e) => {
+            let msg = crate::receivers::admission::MemoryExhausted.to_string();
+            let mut r = (StatusCode::TOO_MANY_REQUESTS, Json(json!({ "error": msg }))).into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(api.events.retry_after.as_secs().max(1)));
+            return r;
+        }
+        Err(e) => return e.into_response(),
+    };
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.starts_with("application/json") {
         return (StatusCode::UNSUPPORTED_MEDIA_TYPE, Json(json!({"error": "send Content-Type: application/json"})))

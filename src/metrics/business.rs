@@ -306,12 +306,24 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
     use crate::classify::REJECT_REASONS;
     use std::sync::atomic::Ordering::Relaxed;
     type Getter = fn(&SelfMetrics) -> u64;
-    let counters: [(&'static str, &'static str, &'static str, Getter); 16] = [
+    let counters: [(&'static str, &'static str, &'static str, Getter); 18] = [
         (
             "bizsignal.requests.refused",
             "{request}",
             "Requests refused with a retryable status because the pipeline was full.",
             |m| m.requests_refused_busy.load(Relaxed),
+        ),
+        (
+            "bizsignal.requests.memory_limited",
+            "{request}",
+            "Intake requests refused with a retryable status because in-flight intake memory was at limits.max_inflight_bytes.",
+            |m| m.requests_refused_memory.load(Relaxed),
+        ),
+        (
+            "bizsignal.requests.rate_limited",
+            "{request}",
+            "Intake requests refused by the per-client rate limit (limits.requests_per_second_per_client).",
+            |m| m.requests_rate_limited.load(Relaxed),
         ),
         (
             "bizsignal.requests.invalid",
@@ -430,6 +442,13 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
         .with_unit("{batch}")
         .with_description("Batches waiting for the run tracker.")
         .with_callback(move |o| o.observe(mm.queue_depth.load(Relaxed) as i64, &[]))
+        .build();
+    let mm = m.clone();
+    meter
+        .i64_observable_gauge("bizsignal.intake.inflight")
+        .with_unit("By")
+        .with_description("Bytes reserved by intake requests in flight (limits.max_inflight_bytes).")
+        .with_callback(move |o| o.observe(mm.inflight_bytes.load(Relaxed) as i64, &[]))
         .build();
     meter
         .u64_observable_counter("bizsignal.metrics.overflow")

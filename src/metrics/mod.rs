@@ -33,6 +33,12 @@ pub struct SelfMetrics {
     pub rejected_by_reason: [AtomicU64; REJECT_REASONS.len()],
     pub signals_duplicate: AtomicU64,
     pub requests_refused_busy: AtomicU64,
+    /// Intake requests refused because `limits.max_inflight_bytes` was reached.
+    pub requests_refused_memory: AtomicU64,
+    /// Intake requests refused by the per-client rate limit.
+    pub requests_rate_limited: AtomicU64,
+    /// Bytes reserved by intake requests in flight (see `receivers::admission`).
+    pub inflight_bytes: AtomicU64,
     pub requests_invalid: AtomicU64,
     pub requests_too_large: AtomicU64,
     pub storage_commits: AtomicU64,

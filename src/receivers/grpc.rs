@@ -2,7 +2,9 @@
 //! accepted, message size limited after decompression (tonic enforces the
 //! limit while inflating, so a gzip bomb stops at the limit).
 
+use super::admission::{MemoryExhausted, Reservation};
 use super::Intake;
+use crate::metrics::SelfMetrics;
 use crate::runs::tracker::SubmitError;
 use opentelemetry_proto::tonic::collector::logs::v1::{
     logs_service_server::{LogsService, LogsServiceServer},
@@ -12,6 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     trace_service_server::{TraceService, TraceServiceServer},
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::codec::CompressionEncoding;
 use tonic::{Code, Request, Response, Status};
@@ -69,6 +72,22 @@ impl GrpcReceiver {
             .add_service(InterceptedService::new(logs, auth))
     }
 
+    /// The admission layer reserved the message's bytes as they arrived;
+    /// its decoded form is reserved now (about its protobuf size, like
+    /// OTLP/HTTP), or the request is refused retryably.
+    fn reserve_decoded<M: prost::Message>(&self, request: &Request<M>) -> Result<(), Status> {
+        let Some(r) = request.extensions().get::<Arc<Reservation>>() else { return Ok(()) };
+        let decoded = request.get_ref().encoded_len() * super::http::DECODED_PER_PROTOBUF_BYTE;
+        r.grow(decoded).map_err(|_| {
+            SelfMetrics::add(&self.intake.metrics.requests_refused_memory, 1);
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                MemoryExhausted.to_string(),
+                ErrorDetails::with_retry_info(Some(self.retry_after)),
+            )
+        })
+    }
+
     fn status(&self, e: SubmitError) -> Status {
         // Both codes are retryable for OTLP clients; RESOURCE_EXHAUSTED only
         // because RetryInfo is attached.
@@ -86,6 +105,7 @@ impl TraceService for GrpcReceiver {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        self.reserve_decoded(&request)?;
         let accepted = self.intake.traces(request.into_inner()).await.map_err(|e| self.status(e))?;
         let partial_success = (accepted.rejected > 0)
             .then(|| ExportTracePartialSuccess { rejected_spans: accepted.rejected, error_message: accepted.message });
@@ -99,6 +119,7 @@ impl LogsService for GrpcReceiver {
         &self,
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        self.reserve_decoded(&request)?;
         let accepted = self.intake.logs(request.into_inner()).await.map_err(|e| self.status(e))?;
         let partial_success = (accepted.rejected > 0).then(|| ExportLogsPartialSuccess {
             rejected_log_records: accepted.rejected,

@@ -3,10 +3,11 @@
 //! inflating (the decoder stops one byte past the limit, so a gzip bomb is
 //! refused without being inflated).
 
+use super::admission::Reservation;
 use super::Intake;
 use crate::runs::tracker::SubmitError;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -20,7 +21,14 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message;
 use serde::de::DeserializeOwned;
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Bytes reserved for the decoded form of a request, per byte of protobuf
+/// (after decompression).
+pub const DECODED_PER_PROTOBUF_BYTE: usize = 1;
+/// The same per byte of OTLP/JSON (decoded through a JSON value tree).
+pub const DECODED_PER_JSON_BYTE: usize = 2;
 
 #[derive(Clone)]
 pub struct HttpReceiver {
@@ -102,6 +110,7 @@ impl HttpReceiver {
         &self,
         headers: &HeaderMap,
         body: &[u8],
+        reservation: Option<&Reservation>,
     ) -> Result<(T, Encoding), HttpError> {
         let metrics = &self.intake.metrics;
         let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -130,7 +139,13 @@ impl HttpReceiver {
         {
             None | Some("") | Some("identity") => body,
             Some("gzip") => {
-                inflated = inflate_limited(body, self.max_decompressed_bytes).map_err(|e| {
+                inflated = inflate_reserving(body, self.max_decompressed_bytes, reservation).map_err(|e| {
+                    if e.busy {
+                        crate::metrics::SelfMetrics::add(&metrics.requests_refused_memory, 1);
+                        let mut err = HttpError::new(StatusCode::TOO_MANY_REQUESTS, e.message, Some(encoding));
+                        err.retry_after = Some(self.retry_after);
+                        return err;
+                    }
                     let status = if e.too_large { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
                     let counter = if e.too_large { &metrics.requests_too_large } else { &metrics.requests_invalid };
                     crate::metrics::SelfMetrics::add(counter, 1);
@@ -150,6 +165,21 @@ impl HttpReceiver {
                 ));
             }
         };
+        // The decoded form is reserved before decoding: about the protobuf
+        // size, and for JSON (a value tree first) about twice the text.
+        if let Some(r) = reservation {
+            let factor = if encoding == Encoding::Json { DECODED_PER_JSON_BYTE } else { DECODED_PER_PROTOBUF_BYTE };
+            if r.grow(data.len().saturating_mul(factor)).is_err() {
+                crate::metrics::SelfMetrics::add(&metrics.requests_refused_memory, 1);
+                let mut err = HttpError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    super::admission::MemoryExhausted.to_string(),
+                    Some(encoding),
+                );
+                err.retry_after = Some(self.retry_after);
+                return Err(err);
+            }
+        }
         let msg = match encoding {
             Encoding::Protobuf => {
                 T::decode(data).map_err(|e| format!("body is not a valid OTLP protobuf message: {e}"))
@@ -165,18 +195,71 @@ impl HttpReceiver {
 
 pub struct InflateError {
     pub too_large: bool,
+    /// The in-flight memory budget could not cover the inflated bytes (retryable).
+    pub busy: bool,
     pub message: String,
 }
 
 /// Inflates gzip, stopping one byte past `limit`.
 pub fn inflate_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
-    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    inflate_reserving(body, limit, None)
+}
+
+/// Inflates gzip, stopping one byte past `limit`; with a reservation, each
+/// chunk is reserved from the in-flight memory budget before it is kept.
+pub fn inflate_reserving(
+    body: &[u8],
+    limit: usize,
+    reservation: Option<&Reservation>,
+) -> Result<Vec<u8>, InflateError> {
+    const CHUNK: usize = 256 << 10;
+    let invalid = |e: std::io::Error| InflateError {
+        too_large: false,
+        busy: false,
+        message: format!("body is not valid gzip: {e}"),
+    };
+    // The buffer grows by doubling; its capacity is reserved before each allocation.
+    let base = reservation.map_or(0, |r| r.held());
+    let mut out: Vec<u8> = Vec::new();
     let mut dec = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
-    dec.read_to_end(&mut out)
-        .map_err(|e| InflateError { too_large: false, message: format!("body is not valid gzip: {e}") })?;
+    loop {
+        if out.len() == out.capacity() {
+            let want = (out.capacity() * 2).clamp(CHUNK, limit + 1).max(out.len() + 1);
+            if let Some(r) = reservation {
+                if r.cover(base + want).is_err() {
+                    return Err(InflateError {
+                        too_large: false,
+                        busy: true,
+                        message: super::admission::MemoryExhausted.to_string(),
+                    });
+                }
+            }
+            out.reserve_exact(want - out.len());
+        }
+        let (start, cap) = (out.len(), out.capacity());
+        out.resize(cap, 0);
+        let mut filled = start;
+        let mut eof = false;
+        while filled < cap {
+            match dec.read(&mut out[filled..]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(invalid(e)),
+            }
+        }
+        out.truncate(filled);
+        if eof {
+            break;
+        }
+    }
     if out.len() > limit {
         return Err(InflateError {
             too_large: true,
+            busy: false,
             message: format!("body inflates to more than the limit of {limit} bytes"),
         });
     }
@@ -241,21 +324,33 @@ fn encode<M: Message>(m: &M, rejected_key: &str, accepted: &super::Accepted, enc
     }
 }
 
+/// The encoding to answer a refusal in, before the body is looked at:
+/// protobuf when the client named it, else JSON.
+pub fn request_encoding(headers: &HeaderMap) -> Option<Encoding> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if ct.starts_with("application/x-protobuf") || ct.starts_with("application/protobuf") {
+        Some(Encoding::Protobuf)
+    } else {
+        None
+    }
+}
+
 fn body_or_error(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     r: &HttpReceiver,
     headers: &HeaderMap,
 ) -> Result<Bytes, HttpError> {
     // Answer in the client's encoding when it named a known one.
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let enc = if ct.starts_with("application/x-protobuf") || ct.starts_with("application/protobuf") {
-        Some(Encoding::Protobuf)
-    } else {
-        None
-    };
+    let enc = request_encoding(headers);
     body.map_err(|e| {
         let status = e.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if super::admission::is_memory_exhausted(&e) {
+            // Counted where the body reading stopped.
+            let mut err =
+                HttpError::new(StatusCode::TOO_MANY_REQUESTS, super::admission::MemoryExhausted.to_string(), enc);
+            err.retry_after = Some(r.retry_after);
+            err
+        } else if status == StatusCode::PAYLOAD_TOO_LARGE {
             crate::metrics::SelfMetrics::add(&r.intake.metrics.requests_too_large, 1);
             HttpError::new(status, format!("body is larger than the limit of {} bytes", r.max_request_bytes), enc)
         } else {
@@ -266,11 +361,13 @@ fn body_or_error(
 
 async fn traces(
     State(r): State<HttpReceiver>,
+    reservation: Option<Extension<Arc<Reservation>>>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, HttpError> {
     let body = body_or_error(body, &r, &headers)?;
-    let (req, enc) = r.decode::<ExportTraceServiceRequest>(&headers, &body)?;
+    let (req, enc) = r.decode::<ExportTraceServiceRequest>(&headers, &body, reservation.as_deref().map(|r| &**r))?;
+    drop(body);
     let accepted = r.intake.traces(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
     let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess {
         rejected_spans: accepted.rejected,
@@ -281,11 +378,13 @@ async fn traces(
 
 async fn logs(
     State(r): State<HttpReceiver>,
+    reservation: Option<Extension<Arc<Reservation>>>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, HttpError> {
     let body = body_or_error(body, &r, &headers)?;
-    let (req, enc) = r.decode::<ExportLogsServiceRequest>(&headers, &body)?;
+    let (req, enc) = r.decode::<ExportLogsServiceRequest>(&headers, &body, reservation.as_deref().map(|r| &**r))?;
+    drop(body);
     let accepted = r.intake.logs(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
     let partial_success = (accepted.rejected > 0).then(|| ExportLogsPartialSuccess {
         rejected_log_records: accepted.rejected,

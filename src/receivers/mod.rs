@@ -3,6 +3,7 @@
 //! OTLP specification: partial success for invalid records, retryable
 //! statuses when bizsignal cannot take more, never success for dropped data.
 
+pub mod admission;
 pub mod grpc;
 pub mod http;
 
@@ -73,6 +74,8 @@ impl Intake {
         let n: usize = req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
         SelfMetrics::add(&self.metrics.spans_received, n as u64);
         let classified = self.classifier.classify_traces(&req.resource_spans, crate::now_ns());
+        // Only the signals wait for the commit; the decoded request goes now.
+        drop(req);
         self.submit(classified).await
     }
 
@@ -80,6 +83,7 @@ impl Intake {
         let n: usize = req.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum();
         SelfMetrics::add(&self.metrics.logs_received, n as u64);
         let classified = self.classifier.classify_logs(&req.resource_logs, crate::now_ns());
+        drop(req);
         self.submit(classified).await
     }
 

@@ -26,7 +26,19 @@ impl Drop for ServeProcess {
 impl ServeProcess {
     /// Starts `serve` on `data_dir`, with `config` (YAML text) written next to it if given.
     pub fn spawn(data_dir: &Path, config: Option<&str>) -> ServeProcess {
+        Self::try_spawn_with(data_dir, config, |_| {}).expect("serve printed its addresses")
+    }
+
+    /// Like [`spawn`](Self::spawn), with `adjust` applied to the command (e.g.
+    /// resource limits); `Err` with the exit status when it stops before
+    /// printing its addresses.
+    pub fn try_spawn_with(
+        data_dir: &Path,
+        config: Option<&str>,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<ServeProcess, std::process::ExitStatus> {
         let mut cmd = Command::new(BIN);
+        adjust(&mut cmd);
         cmd.arg("serve");
         if let Some(text) = config {
             let path = data_dir.join("config.yaml");
@@ -45,16 +57,26 @@ impl ServeProcess {
             line.split(&format!(" {key}=")).nth(1).map(|r| r.split_whitespace().next().unwrap().to_string())
         };
         loop {
-            let line = lines.next().expect("serve printed its addresses").unwrap();
+            let Some(Ok(line)) = lines.next() else {
+                return Err(child.wait().unwrap());
+            };
             if line.contains("bizsignal started") {
                 let (otlp_grpc, otlp_http, http) = (
                     field(&line, "otlp_grpc").unwrap(),
                     field(&line, "otlp_http").unwrap(),
                     field(&line, "http").unwrap(),
                 );
-                // Keep draining stderr so the server never blocks on a full pipe.
-                std::thread::spawn(move || for _ in lines {});
-                return ServeProcess { child, otlp_grpc, otlp_http, http };
+                // Keep draining stderr so the server never blocks on a full pipe
+                // (and show it with BIZSIGNAL_TEST_SERVE_LOG=1).
+                let echo = std::env::var_os("BIZSIGNAL_TEST_SERVE_LOG").is_some();
+                std::thread::spawn(move || {
+                    for l in lines.map_while(Result::ok) {
+                        if echo {
+                            eprintln!("serve: {l}");
+                        }
+                    }
+                });
+                return Ok(ServeProcess { child, otlp_grpc, otlp_http, http });
             }
         }
     }
