@@ -94,14 +94,26 @@ async fn send(c: &reqwest::Client, p: &Proc, i: usize) -> u16 {
     st
 }
 
-async fn grpc_refused(p: &Proc) {
+/// Sends over gRPC (numbers from `start`) until one export is refused and
+/// checks the refusal is retryable with RetryInfo; accepted ones join `acked`.
+async fn grpc_refused(p: &Proc, start: usize, acked: &mut BTreeSet<usize>) {
     use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
     use tonic_types::StatusExt;
     let mut client = LogsServiceClient::connect(format!("http://{}", p.otlp_grpc)).await.unwrap();
-    let req = bizsignal::receivers::http::decode_json(body(100_000).as_bytes()).unwrap();
-    let e = client.export(tonic::Request::new(req)).await.expect_err("gRPC intake refused while the disk is full");
-    assert!(matches!(e.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted), "{e:?}");
-    assert!(e.get_details_retry_info().is_some(), "{e:?}");
+    for i in start..start + 100 {
+        let req = bizsignal::receivers::http::decode_json(body(i).as_bytes()).unwrap();
+        match client.export(tonic::Request::new(req)).await {
+            Ok(_) => {
+                acked.insert(i);
+            }
+            Err(e) => {
+                assert!(matches!(e.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted), "{e:?}");
+                assert!(e.get_details_retry_info().is_some(), "{e:?}");
+                return;
+            }
+        }
+    }
+    panic!("gRPC intake never refused while the disk is full");
 }
 
 fn sigterm(p: &mut Proc) -> std::process::ExitStatus {
@@ -136,7 +148,12 @@ async fn fill(c: &reqwest::Client, p: &mut Proc, start: usize, acked: &mut BTree
         }
     }
     let first = first_refusal.expect("writes past the file-size limit are refused");
-    assert!(refused >= 20, "once full, intake stays refused: {refused} refusals after the first at {first}");
+    // RLIMIT_FSIZE limits each file, not the disk: after a refused append
+    // the journal starts a fresh segment file, so some of the next requests
+    // may be acknowledged again. Every answer is checked to be 200 or a
+    // retryable refusal (in `send`), and every acknowledged signal is checked
+    // to be kept (by the callers).
+    assert!(refused >= 1);
     alive(p);
     (first, refused)
 }
@@ -152,7 +169,7 @@ async fn disk_full_refuses_retryably_keeps_serving_and_restarts_cleanly() {
     let mut acked = BTreeSet::new();
     let (first_refusal, refused) = fill(&c, &mut p, 0, &mut acked).await;
     alive(&mut p);
-    grpc_refused(&p).await;
+    grpc_refused(&p, 100_000, &mut acked).await;
 
     // Still serving: health, and reads of everything acknowledged.
     let health = c.get(format!("http://{}/healthz", p.http)).send().await.unwrap();
@@ -174,7 +191,7 @@ async fn disk_full_refuses_retryably_keeps_serving_and_restarts_cleanly() {
     let before = acked.len();
     let (_, refused_again) = fill(&c, &mut p, 1000, &mut acked).await;
     let acked_again = acked.len() - before;
-    grpc_refused(&p).await;
+    grpc_refused(&p, 200_000, &mut acked).await;
     assert!(acked.is_subset(&stored_tags(&c, &p).await));
     let st = sigterm(&mut p);
     assert_eq!(st.signal(), None, "stopped by a signal: {st:?}");

@@ -4,6 +4,7 @@
 //! same conformance suite (`tests/storage_conformance.rs`).
 
 pub mod clickhouse;
+pub mod record;
 pub mod spool;
 pub mod sqlite;
 

@@ -16,6 +16,7 @@
 //! self-metric). After a crash that is the record being appended, which was
 //! never acknowledged; anywhere else it is disk corruption.
 
+use super::record::SignalRecord;
 use super::WriteBatch;
 use crate::runs::run::{ProcessRun, Violation};
 use crate::signal::{BusinessEvent, RunKey};
@@ -39,11 +40,16 @@ pub enum SpoolError {
     Corrupt(u64),
 }
 
-/// One spool record: a tracker commit.
+/// One spool record: a tracker commit. Events are written grouped by signal
+/// (`signals`, see [`super::record`]); `decode` expands them into `events`.
+/// Records with a plain `events` list (older spools) decode the same way.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SpoolBatch {
     pub written_ns: i64,
+    #[serde(default)]
     pub events: Vec<BusinessEvent>,
+    #[serde(default, skip_serializing)]
+    signals: Vec<SignalRecord>,
     pub runs: Vec<ProcessRun>,
     pub merges: Vec<(RunKey, String)>,
     pub aliases: Vec<(String, String, String)>,
@@ -53,7 +59,7 @@ pub struct SpoolBatch {
 #[derive(Serialize)]
 struct SpoolBatchRef<'a> {
     written_ns: i64,
-    events: &'a [BusinessEvent],
+    signals: Vec<SignalRecord>,
     runs: &'a [ProcessRun],
     merges: &'a [(RunKey, String)],
     aliases: &'a [(String, String, String)],
@@ -65,7 +71,7 @@ impl SpoolBatch {
     pub fn encode(b: &WriteBatch) -> Vec<u8> {
         let rec = SpoolBatchRef {
             written_ns: crate::now_ns(),
-            events: &b.events,
+            signals: super::record::group(&b.events),
             runs: &b.runs,
             merges: &b.merges,
             aliases: &b.aliases,
@@ -75,7 +81,11 @@ impl SpoolBatch {
     }
 
     pub fn decode(payload: &[u8]) -> Result<SpoolBatch, serde_json::Error> {
-        serde_json::from_slice(payload)
+        let mut b: SpoolBatch = serde_json::from_slice(payload)?;
+        for s in std::mem::take(&mut b.signals) {
+            b.events.extend(s.expand());
+        }
+        Ok(b)
     }
 
     pub fn into_write_batch(self) -> WriteBatch {
@@ -324,6 +334,11 @@ impl Spool {
         while inner.records.front().is_some_and(|m| m.seq <= seq) {
             let m = inner.records.pop_front().unwrap();
             inner.bytes -= HEADER as u64 + m.len as u64;
+        }
+        if inner.records.is_empty() && inner.current.as_ref().is_some_and(|c| c.2 > 0) {
+            // Drained: start the next append in a fresh segment so this one
+            // is deleted now, instead of growing to SEGMENT_BYTES first.
+            inner.current = None;
         }
         let l = inner.ledger.clone();
         drop(inner);

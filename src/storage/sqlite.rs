@@ -32,6 +32,7 @@ use std::time::Duration;
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("sqlite/0001_init.sql")),
     (2, "journal_state", include_str!("sqlite/0002_journal_state.sql")),
+    (3, "signals", include_str!("sqlite/0003_signals.sql")),
 ];
 
 /// Apply early when this many events are pending, whatever the interval.
@@ -63,7 +64,7 @@ struct Pending {
     batch: WriteBatch,
     run_index: HashMap<RunKey, usize>,
     merged_from: HashSet<RunKey>,
-    aliases: HashSet<(String, String)>,
+    aliases: HashMap<(String, String), String>,
     last_seq: u64,
 }
 
@@ -97,7 +98,7 @@ impl Pending {
         }
         self.batch.events.extend(b.events);
         for a in b.aliases {
-            self.aliases.insert((a.0.clone(), a.1.clone()));
+            self.aliases.entry((a.0.clone(), a.1.clone())).or_insert_with(|| a.2.clone());
             self.batch.aliases.push(a);
         }
         self.batch.process_violations.extend(b.process_violations);
@@ -106,6 +107,24 @@ impl Pending {
 
     fn touches(&self, key: &RunKey) -> bool {
         self.run_index.contains_key(key) || self.merged_from.contains(key)
+    }
+
+    /// `key` and the runs a pending merge folds into it (their rows in
+    /// SQLite still carry the old run id).
+    fn related(&self, key: &RunKey) -> Vec<RunKey> {
+        let mut keys = vec![key.clone()];
+        keys.extend(
+            self.batch
+                .merges
+                .iter()
+                .filter(|(f, to)| f.process == key.process && *to == key.run_id)
+                .map(|(f, _)| f.clone()),
+        );
+        keys
+    }
+
+    fn events_of<'a>(&'a self, keys: &'a [RunKey]) -> impl Iterator<Item = &'a BusinessEvent> + 'a {
+        self.batch.events.iter().filter(move |e| keys.iter().any(|k| k.process == e.process && k.run_id == e.run_id))
     }
 }
 
@@ -201,12 +220,20 @@ impl SqliteStore {
         });
         if replay > 0 || shared.journal.len() > 0 {
             let started = std::time::Instant::now();
-            shared.flush()?;
-            tracing::info!(
-                events = replay,
-                seconds = started.elapsed().as_secs_f64(),
-                "applied journal records left by the previous run"
-            );
+            match shared.flush() {
+                Ok(()) => tracing::info!(
+                    events = replay,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "applied journal records left by the previous run"
+                ),
+                // Start anyway (no crash loop while the disk is full): reads
+                // answer from SQLite plus the journal, the flusher retries.
+                Err(e) => tracing::warn!(
+                    events = replay,
+                    error = %e,
+                    "cannot apply the journal to SQLite yet; serving from the journal and retrying"
+                ),
+            }
         }
         let s = shared.clone();
         let flusher = std::thread::Builder::new()
@@ -221,19 +248,96 @@ impl SqliteStore {
         self.read_committed(f)
     }
 
-    /// Reads without applying pending batches first: only for reads the
-    /// caller has checked pending batches do not concern.
+    /// Reads what SQLite holds without applying pending batches first.
     fn read_committed<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StorageError>) -> Result<T, StorageError> {
         let c = lock(&self.shared.reader);
         f(&c)
     }
 
-    /// Applies pending batches when they concern `key`.
-    fn flush_for(&self, key: &RunKey) -> Result<(), StorageError> {
-        if lock(&self.shared.pending).touches(key) {
-            self.shared.flush()?;
+    /// Applies pending batches (when `needed`). If that fails (database
+    /// locked, disk full), returns the pending batches so the caller can
+    /// answer from SQLite plus them: the tracker and the run page keep
+    /// working through a database outage, and a restart does not crash-loop.
+    fn flush_or_pending(&self, needed: impl FnOnce(&Pending) -> bool) -> Option<MutexGuard<'_, Pending>> {
+        if !needed(&lock(&self.shared.pending)) {
+            return None;
         }
-        Ok(())
+        match self.shared.flush() {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "answering a read from SQLite plus the journal");
+                Some(lock(&self.shared.pending))
+            }
+        }
+    }
+
+    fn committed_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
+        self.read_committed(|c| {
+            let s: Option<String> = c
+                .query_row(
+                    "SELECT state FROM process_runs WHERE process = ?1 AND run_id = ?2",
+                    params![key.process, key.run_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            s.map(|s| run_from_state(&s)).transpose()
+        })
+    }
+
+    fn committed_signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
+        self.read_committed(|c| {
+            let mut st =
+                c.prepare("SELECT DISTINCT signal_id FROM business_signals WHERE process = ?1 AND run_id = ?2")?;
+            let rows = st.query_map(params![key.process, key.run_id], |r| r.get::<_, String>(0))?;
+            rows.map(|s| parse_signal_id(&s?)).collect()
+        })
+    }
+
+    fn committed_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError> {
+        self.read_committed(|c| {
+            let mut st = c.prepare("SELECT state FROM process_runs WHERE status IN ('running', 'stalled')")?;
+            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+            rows.map(|s| run_from_state(&s?)).collect()
+        })
+    }
+
+    fn committed_events(&self, key: &RunKey, limit: usize) -> Result<Vec<BusinessEvent>, StorageError> {
+        self.read_committed(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT signal_id, process, run_id, service, trace_id, span_id, attributes, resource, rows, time_ns
+                 FROM business_signals WHERE process = ?1 AND run_id = ?2 ORDER BY time_ns",
+            )?;
+            let mut rows = st.query(params![key.process, key.run_id])?;
+            let mut out: Vec<BusinessEvent> = Vec::new();
+            // Signals come by their earliest row time, and every row of a
+            // signal is at or after it: once `limit` events are kept, a signal
+            // starting after the last kept one cannot contribute.
+            let mut bound: Option<i64> = None;
+            while let Some(r) = rows.next()? {
+                let first: i64 = r.get(9)?;
+                if bound.is_some_and(|b| first > b) {
+                    break;
+                }
+                let rec = super::record::SignalRecord {
+                    signal_id: r.get(0)?,
+                    process: r.get(1)?,
+                    run_id: r.get(2)?,
+                    service: r.get(3)?,
+                    trace_id: r.get(4)?,
+                    span_id: r.get(5)?,
+                    attributes: r.get(6)?,
+                    resource: r.get(7)?,
+                    rows: serde_json::from_str(&r.get::<_, String>(8)?).map_err(corrupt)?,
+                };
+                out.extend(rec.expand());
+                if out.len() >= limit {
+                    sort_events(&mut out, limit);
+                    bound = out.last().map(|e| e.time_ns);
+                }
+            }
+            sort_events(&mut out, limit);
+            Ok(out)
+        })
     }
 
     /// Stops the flusher without applying what is pending, as a crash would
@@ -374,56 +478,32 @@ fn run_from_state(state: &str) -> Result<ProcessRun, StorageError> {
     serde_json::from_str(state).map_err(corrupt)
 }
 
-fn event_from_row(r: &rusqlite::Row) -> rusqlite::Result<BusinessEvent> {
-    Ok(BusinessEvent {
-        event_id: r.get(0)?,
-        signal_id: r.get(1)?,
-        process: r.get(2)?,
-        run_id: r.get(3)?,
-        time_ns: r.get(4)?,
-        kind: r.get(5)?,
-        name: r.get(6)?,
-        value: r.get(7)?,
-        text: r.get(8)?,
-        payload: r.get(9)?,
-        service: r.get(10)?,
-        trace_id: r.get(11)?,
-        span_id: r.get(12)?,
-        attributes: r.get(13)?,
-        resource: r.get(14)?,
-    })
-}
-
 /// Writes one (folded) batch inside the caller's transaction.
 fn apply(tx: &Transaction, b: &WriteBatch) -> Result<(), StorageError> {
     {
         let mut ins = tx.prepare_cached(
-                "INSERT OR IGNORE INTO business_events (event_id, signal_id, process, run_id, time_ns, kind, name, value, text, payload, service, trace_id, span_id, attributes, resource)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            )?;
-        for e in &b.events {
+            "INSERT OR IGNORE INTO business_signals (signal_id, process, run_id, time_ns, service, trace_id, span_id, attributes, resource, rows)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for r in super::record::group(&b.events) {
+            let rows = serde_json::to_string(&r.rows).map_err(corrupt)?;
             ins.execute(params![
-                e.event_id,
-                e.signal_id,
-                e.process,
-                e.run_id,
-                e.time_ns,
-                e.kind,
-                e.name,
-                e.value,
-                e.text,
-                e.payload,
-                e.service,
-                e.trace_id,
-                e.span_id,
-                e.attributes,
-                e.resource
+                r.signal_id,
+                r.process,
+                r.run_id,
+                r.first_time_ns(),
+                r.service,
+                r.trace_id,
+                r.span_id,
+                r.attributes,
+                r.resource,
+                rows
             ])?;
         }
         // After the inserts, so nothing of a merged run stays behind under its trace id.
         for (from, to_run) in &b.merges {
             tx.execute(
-                "UPDATE business_events SET run_id = ?1 WHERE process = ?2 AND run_id = ?3",
+                "UPDATE business_signals SET run_id = ?1 WHERE process = ?2 AND run_id = ?3",
                 params![to_run, from.process, from.run_id],
             )?;
             tx.execute(
@@ -484,45 +564,40 @@ impl Store for SqliteStore {
     }
 
     fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError> {
-        self.read(|c| {
-            let mut st = c.prepare("SELECT state FROM process_runs WHERE status IN ('running', 'stalled')")?;
-            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-            rows.map(|s| run_from_state(&s?)).collect()
-        })
+        let pending = self.flush_or_pending(|p| !p.is_empty());
+        let mut runs = self.committed_open_runs()?;
+        if let Some(p) = pending {
+            runs.retain(|r| !p.touches(&r.key()));
+            runs.extend(p.batch.runs.iter().filter(|r| !r.status.is_terminal()).cloned());
+        }
+        Ok(runs)
     }
 
     fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
-        self.flush_for(key)?;
-        self.read_committed(|c| {
-            let s: Option<String> = c
-                .query_row(
-                    "SELECT state FROM process_runs WHERE process = ?1 AND run_id = ?2",
-                    params![key.process, key.run_id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            s.map(|s| run_from_state(&s)).transpose()
-        })
+        if let Some(p) = self.flush_or_pending(|p| p.touches(key)) {
+            return Ok(p.run_index.get(key).map(|&i| p.batch.runs[i].clone()));
+        }
+        self.committed_run(key)
     }
 
     fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
-        self.flush_for(key)?;
-        self.read_committed(|c| {
-            let mut st =
-                c.prepare("SELECT DISTINCT signal_id FROM business_events WHERE process = ?1 AND run_id = ?2")?;
-            let rows = st.query_map(params![key.process, key.run_id], |r| r.get::<_, String>(0))?;
-            rows.map(|s| {
-                let s = s?;
-                u128::from_str_radix(&s, 16).map_err(|_| StorageError::Corrupt(format!("bad signal id {s:?}")))
-            })
-            .collect()
-        })
+        let Some(p) = self.flush_or_pending(|p| p.touches(key)) else { return self.committed_signal_ids(key) };
+        let related = p.related(key);
+        let mut ids: HashSet<u128> = HashSet::new();
+        for e in p.events_of(&related) {
+            ids.insert(parse_signal_id(&e.signal_id)?);
+        }
+        drop(p);
+        for k in &related {
+            ids.extend(self.committed_signal_ids(k)?);
+        }
+        Ok(ids.into_iter().collect())
     }
 
     fn alias(&self, process: &str, trace_id: &str) -> Result<Option<String>, StorageError> {
-        let pending = lock(&self.shared.pending).aliases.contains(&(process.to_string(), trace_id.to_string()));
-        if pending {
-            self.shared.flush()?;
+        let k = (process.to_string(), trace_id.to_string());
+        if let Some(p) = self.flush_or_pending(|p| p.aliases.contains_key(&k)) {
+            return Ok(p.aliases.get(&k).cloned());
         }
         self.read_committed(|c| {
             Ok(c.query_row(
@@ -535,13 +610,23 @@ impl Store for SqliteStore {
     }
 
     fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError> {
-        self.read(|c| {
+        let pending = self.flush_or_pending(|p| !p.is_empty());
+        let committed: Vec<(String, i64)> = self.read_committed(|c| {
             let mut st = c.prepare(
                 "SELECT process, MAX(ended_at_ns) FROM process_runs WHERE status = 'succeeded' GROUP BY process",
             )?;
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
+        })?;
+        let Some(p) = pending else { return Ok(committed) };
+        let mut best: HashMap<String, i64> = committed.into_iter().collect();
+        for r in p.batch.runs.iter().filter(|r| r.status == crate::runs::run::RunStatus::Succeeded) {
+            if let Some(end) = r.ended_at_ns() {
+                let cur = best.entry(r.process.clone()).or_insert(end);
+                *cur = (*cur).max(end);
+            }
+        }
+        Ok(best.into_iter().collect())
     }
 
     fn list_processes(&self) -> Result<Vec<ProcessSummary>, StorageError> {
@@ -620,15 +705,28 @@ impl Store for SqliteStore {
     }
 
     fn run_events(&self, key: &RunKey, limit: usize) -> Result<Vec<BusinessEvent>, StorageError> {
-        self.read(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT event_id, signal_id, process, run_id, time_ns, kind, name, value, text, payload, service, trace_id, span_id, attributes, resource
-                 FROM business_events WHERE process = ?1 AND run_id = ?2 ORDER BY time_ns, event_id LIMIT ?3",
-            )?;
-            let rows = st.query_map(params![key.process, key.run_id, limit as i64], event_from_row)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
+        let Some(p) = self.flush_or_pending(|p| p.touches(key)) else { return self.committed_events(key, limit) };
+        let related = p.related(key);
+        let mut out: Vec<BusinessEvent> = p.events_of(&related).cloned().collect();
+        drop(p);
+        for k in &related {
+            out.extend(self.committed_events(k, limit)?);
+        }
+        for e in &mut out {
+            e.run_id = key.run_id.clone();
+        }
+        sort_events(&mut out, limit);
+        Ok(out)
     }
+}
+
+fn sort_events(events: &mut Vec<BusinessEvent>, limit: usize) {
+    events.sort_by(|a, b| (a.time_ns, &a.event_id).cmp(&(b.time_ns, &b.event_id)));
+    events.truncate(limit);
+}
+
+fn parse_signal_id(s: &str) -> Result<u128, StorageError> {
+    u128::from_str_radix(s, 16).map_err(|_| StorageError::Corrupt(format!("bad signal id {s:?}")))
 }
 
 #[cfg(test)]
@@ -742,5 +840,102 @@ mod tests {
         store.write(&b).unwrap();
         assert!(store.get_run(&RunKey { process: "import".into(), run_id: "trace-1".into() }).unwrap().is_none());
         assert_eq!(store.run_events(&to, 10).unwrap().len(), 2, "the trace-keyed run's events moved");
+    }
+
+    #[test]
+    fn migration_3_regroups_fact_rows_into_signals_and_keeps_the_old_table_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        {
+            let c = Connection::open(&db).unwrap();
+            c.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ns INTEGER NOT NULL)").unwrap();
+            for (v, name, sql) in &MIGRATIONS[..2] {
+                c.execute_batch(sql).unwrap();
+                c.execute("INSERT INTO schema_migrations VALUES (?1, ?2, 0)", params![v, name]).unwrap();
+            }
+            let mut b = batch("r1", 7).events;
+            let mut fact = b[0].clone();
+            (fact.event_id, fact.kind, fact.name, fact.value, fact.time_ns) =
+                ("f1".into(), "records".into(), "imported".into(), Some(3.0), 9);
+            b.push(fact);
+            for e in &b {
+                c.execute(
+                    "INSERT INTO business_events VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                    params![e.event_id, e.signal_id, e.process, e.run_id, e.time_ns, e.kind, e.name, e.value, e.text, e.payload, e.service, e.trace_id, e.span_id, e.attributes, e.resource],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&db).unwrap();
+        let key = RunKey { process: "import".into(), run_id: "r1".into() };
+        let events = store.run_events(&key, 10).unwrap();
+        assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), vec!["log", "records"]);
+        assert_eq!(events[1].value, Some(3.0));
+        assert_eq!(store.signal_ids(&key).unwrap(), vec![7]);
+        drop(store);
+        let c = Connection::open(&db).unwrap();
+        let (signals, rows): (i64, i64) = c
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM business_signals), (SELECT COUNT(*) FROM business_events)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((signals, rows), (1, 2), "one signal row; the view still shows one row per fact");
+    }
+
+    #[test]
+    fn run_events_are_the_earliest_by_time_across_signals_that_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        // A long span (starts at 1, its fact at 100) and short ones in between.
+        let mut long = batch("r", 1);
+        let mut fact = long.events[0].clone();
+        (fact.event_id, fact.kind, fact.time_ns) = ("long-fact".into(), "records".into(), 100);
+        long.events.push(fact);
+        store.write(&long).unwrap();
+        for n in 2..=5 {
+            store.write(&batch("r", n)).unwrap();
+        }
+        let key = RunKey { process: "import".into(), run_id: "r".into() };
+        let times: Vec<i64> = store.run_events(&key, 3).unwrap().iter().map(|e| e.time_ns).collect();
+        assert_eq!(times, vec![1, 2, 3]);
+        let all: Vec<i64> = store.run_events(&key, 100).unwrap().iter().map(|e| e.time_ns).collect();
+        assert_eq!(all, vec![1, 2, 3, 4, 5, 100]);
+    }
+
+    #[test]
+    fn while_sqlite_is_full_reads_answer_from_the_journal_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let store = SqliteStore::open_with(&db, &slow(), None).unwrap();
+        store.write(&batch("r1", 1)).unwrap();
+        store.flush(Duration::from_secs(5)).unwrap();
+        {
+            // "Database or disk is full" for anything that needs a new page.
+            let w = lock(&store.shared.writer);
+            let pages: i64 = w.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+            w.pragma_update(None, "max_page_count", pages).unwrap();
+        }
+        let mut big = batch("r1", 2);
+        big.events[0].attributes = format!("{{\"blob\":\"{}\"}}", "x".repeat(64 << 10));
+        store.write(&big).unwrap();
+        store.write(&batch("r2", 3)).unwrap();
+        assert!(store.shared.flush().is_err(), "the database is full");
+        let r1 = RunKey { process: "import".into(), run_id: "r1".into() };
+        let r2 = RunKey { process: "import".into(), run_id: "r2".into() };
+        assert_eq!(store.get_run(&r1).unwrap().unwrap().signal_count, 2);
+        assert!(store.get_run(&r2).unwrap().is_some());
+        let mut ids = store.signal_ids(&r1).unwrap();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2]);
+        assert_eq!(store.run_events(&r1, 10).unwrap().len(), 2);
+        assert_eq!(store.load_open_runs().unwrap().len(), 2);
+        assert!(store.list_runs(&RunQuery { limit: 10, ..Default::default() }).is_err(), "no stale list");
+        // Space again (a new connection has no page limit): everything is applied.
+        store.abandon();
+        let store = SqliteStore::open_with(&db, &slow(), None).unwrap();
+        assert_eq!(store.run_events(&r1, 10).unwrap().len(), 2);
+        assert_eq!(store.list_runs(&RunQuery { limit: 10, ..Default::default() }).unwrap().0.len(), 2);
     }
 }

@@ -37,10 +37,19 @@ use tokio::sync::Notify;
 /// Rows a spool record will insert (for cutting groups), without decoding it all.
 fn rows_hint(payload: &[u8]) -> usize {
     #[derive(Deserialize)]
-    struct Count {
-        events: Vec<serde::de::IgnoredAny>,
+    struct Signal {
+        rows: Vec<serde::de::IgnoredAny>,
     }
-    serde_json::from_slice::<Count>(payload).map(|c| c.events.len().max(1)).unwrap_or(1)
+    #[derive(Deserialize)]
+    struct Count {
+        #[serde(default)]
+        events: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        signals: Vec<Signal>,
+    }
+    serde_json::from_slice::<Count>(payload)
+        .map(|c| (c.events.len() + c.signals.iter().map(|s| s.rows.len()).sum::<usize>()).max(1))
+        .unwrap_or(1)
 }
 
 /// What spooled-but-unacknowledged records say, keyed with the record's seq.
