@@ -809,10 +809,13 @@ mod tests {
         let mut b = batch("r1", 1);
         b.process_violations.push(("import".into(), v));
         store.write(&b).unwrap();
-        // Keep the journal as it was before the commit trims it.
-        let saved: Vec<(PathBuf, Vec<u8>)> =
-            segments(&db).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
-        assert!(!saved.is_empty());
+        // Keep the journal (segments and ledger) as it was before the commit trims it.
+        let saved: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(journal_dir(&db))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        assert!(saved.iter().any(|(p, _)| p.extension().is_some_and(|x| x == "log")));
         store.flush(Duration::from_secs(5)).unwrap();
         drop(store);
         for (p, data) in &saved {
