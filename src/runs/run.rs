@@ -405,3 +405,21 @@ fn latest(slot: &mut Option<Sample>, s: Sample) {
         *slot = Some(s);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored form (`process_runs.state`, ClickHouse `run_state`) as the
+    /// B-tree/String version of `ProcessRun` wrote it reads back and writes
+    /// out byte for byte.
+    #[test]
+    fn stored_state_format_is_unchanged() {
+        let old = r#"{"process":"p","run_id":"r","status":"succeeded","started_at_ns":1,"last_seen_at_ns":5,"terminal":{"at_ns":5,"status":"succeeded","error":null,"tie":"aa"},"counts":{"failed":1.0,"ok":3.5},"progress_done":{"at_ns":2,"value":5.0,"tie":"b"},"progress_total":null,"progress_first":{"at_ns":2,"value":5.0,"tie":"b"},"milestones":[{"name":"m","at_ns":3}],"notes":[{"at_ns":3,"text":"n"}],"payloads":[{"at_ns":4,"json":"{\"a\":1}"}],"values":{"amount":{"at_ns":4,"value":2.5,"tie":"c"},"b":{"at_ns":1,"value":-1.0,"tie":"d"}},"trace_ids":["t1","t2"],"services":["s"],"violations":[{"rule":"x","message":"y","at_ns":5}],"last_received_at_ns":6,"signal_count":4}"#;
+        let run: ProcessRun = serde_json::from_str(old).unwrap();
+        assert_eq!(serde_json::to_string(&run).unwrap(), old);
+        assert_eq!(run.counts.get("ok"), Some(&3.5));
+        assert!(run.trace_ids.contains("t2"));
+        assert_eq!(&*run.values.get("amount").unwrap().tie, "c");
+    }
+}
