@@ -62,20 +62,20 @@ pub fn run(r: &ProcessRun, now: i64) -> pb::Run {
         ended_at_unix_nano: r.ended_at_ns(),
         last_seen_at_unix_nano: r.last_seen_at_ns,
         duration_seconds: r.duration_seconds(now),
-        counts: r.counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        counts: r.counts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         progress,
         milestones: r
             .milestones
             .iter()
-            .map(|m| pb::Milestone { name: m.name.clone(), at_unix_nano: m.at_ns })
+            .map(|m| pb::Milestone { name: m.name.to_string(), at_unix_nano: m.at_ns })
             .collect(),
-        notes: r.notes.iter().map(|n| pb::Note { at_unix_nano: n.at_ns, text: n.text.clone() }).collect(),
-        payloads: r.payloads.iter().map(|p| pb::Payload { at_unix_nano: p.at_ns, json: p.json.clone() }).collect(),
+        notes: r.notes.iter().map(|n| pb::Note { at_unix_nano: n.at_ns, text: n.text.to_string() }).collect(),
+        payloads: r.payloads.iter().map(|p| pb::Payload { at_unix_nano: p.at_ns, json: p.json.to_string() }).collect(),
         violations: violations(&r.violations),
-        trace_ids: r.trace_ids.iter().cloned().collect(),
-        services: r.services.iter().cloned().collect(),
+        trace_ids: r.trace_ids.iter().map(|t| t.to_string()).collect(),
+        services: r.services.iter().map(|s| s.to_string()).collect(),
         error: r.error().map(str::to_string),
-        values: r.values.iter().map(|(k, s)| (k.clone(), s.value)).collect(),
+        values: r.values.iter().map(|(k, s)| (k.to_string(), s.value)).collect(),
         signal_count: r.signal_count,
     }
 }

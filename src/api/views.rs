@@ -50,7 +50,7 @@ pub fn run_summary(r: &ProcessRun, now: i64) -> Value {
         "ended_at": opt_ts(r.ended_at_ns()),
         "last_seen_at": ts(r.last_seen_at_ns),
         "duration_seconds": r.duration_seconds(now),
-        "counts": r.counts.iter().map(|(k, v)| (k.clone(), number(*v))).collect::<serde_json::Map<_, _>>(),
+        "counts": r.counts.iter().map(|(k, v)| (k.to_string(), number(*v))).collect::<serde_json::Map<_, _>>(),
         "progress": progress(r),
         "last_milestone": r.milestones.last().map(|m| m.name.clone()),
         "violations": violations(&r.violations),
@@ -67,12 +67,12 @@ pub fn run_full(r: &ProcessRun, now: i64, trace_url_template: Option<&str>) -> V
         "payloads".into(),
         r.payloads
             .iter()
-            .map(|p| json!({"at": ts(p.at_ns), "payload": serde_json::from_str::<Value>(&p.json).unwrap_or(Value::String(p.json.clone()))}))
+            .map(|p| json!({"at": ts(p.at_ns), "payload": serde_json::from_str::<Value>(&p.json).unwrap_or(Value::String(p.json.to_string()))}))
             .collect(),
     );
     o.insert(
         "values".into(),
-        r.values.iter().map(|(k, s)| (k.clone(), number(s.value))).collect::<serde_json::Map<_, _>>().into(),
+        r.values.iter().map(|(k, s)| (k.to_string(), number(s.value))).collect::<serde_json::Map<_, _>>().into(),
     );
     o.insert("trace_ids".into(), json!(r.trace_ids));
     if let Some(t) = trace_url_template {

@@ -275,7 +275,7 @@ impl Observer for BusinessMetrics {
         let mut absorbed: Vec<Vec<&ProcessRun>> = vec![Vec::new(); live.len()];
         for m in &merged {
             let target =
-                live.iter().position(|c| c.after.process == m.process && c.after.trace_ids.contains(&m.run_id));
+                live.iter().position(|c| c.after.process == m.process && c.after.trace_ids.contains(m.run_id.as_str()));
             match target {
                 Some(i) => {
                     absorbed[i].push(m);

@@ -39,36 +39,46 @@ impl DeadlineRule {
     }
 }
 
+/// How long the run has been idle, when that makes it stalled now.
+fn stalls(run: &ProcessRun, exp: &ProcessExpectations, now_ns: i64) -> Option<(i64, i64)> {
+    let stall = exp.stall_after?.as_nanos() as i64;
+    let idle = now_ns.saturating_sub(run.last_received_at_ns);
+    (run.status == RunStatus::Running && idle > stall).then_some((idle, stall))
+}
+
+/// How long the run took, when that exceeds `max_duration`.
+fn overruns(run: &ProcessRun, exp: &ProcessExpectations, now_ns: i64) -> Option<(i64, i64)> {
+    let max = exp.max_duration?.as_nanos() as i64;
+    let end = run.ended_at_ns().unwrap_or(now_ns);
+    let took = end.saturating_sub(run.started_at_ns);
+    (took > max).then_some((took, max))
+}
+
+/// Whether [`check_run`] would change the run (so the tracker copies only those).
+pub fn check_run_due(run: &ProcessRun, exp: &ProcessExpectations, now_ns: i64) -> bool {
+    stalls(run, exp, now_ns).is_some()
+        || (overruns(run, exp, now_ns).is_some() && !run.violations.iter().any(|v| v.rule == "max_duration"))
+}
+
 /// Tick-time checks on one run: stall and max duration. Returns whether the
 /// run changed.
 pub fn check_run(run: &mut ProcessRun, exp: &ProcessExpectations, now_ns: i64) -> bool {
     let mut changed = false;
-    if let Some(stall) = exp.stall_after {
-        let idle = now_ns.saturating_sub(run.last_received_at_ns);
-        if run.status == RunStatus::Running && idle > stall.as_nanos() as i64 {
-            run.status = RunStatus::Stalled;
-            run.add_violation(Violation {
-                rule: "stall_after".into(),
-                message: format!(
-                    "no signal for {} (expected one at least every {})",
-                    human(idle),
-                    human(stall.as_nanos() as i64)
-                ),
-                at_ns: now_ns,
-            });
-            changed = true;
-        }
+    if let Some((idle, stall)) = stalls(run, exp, now_ns) {
+        run.status = RunStatus::Stalled;
+        run.add_violation(Violation {
+            rule: "stall_after".into(),
+            message: format!("no signal for {} (expected one at least every {})", human(idle), human(stall)),
+            at_ns: now_ns,
+        });
+        changed = true;
     }
-    if let Some(max) = exp.max_duration {
-        let end = run.ended_at_ns().unwrap_or(now_ns);
-        let took = end.saturating_sub(run.started_at_ns);
-        if took > max.as_nanos() as i64 {
-            changed |= run.add_violation(Violation {
-                rule: "max_duration".into(),
-                message: format!("ran for {}, longer than the expected {}", human(took), human(max.as_nanos() as i64)),
-                at_ns: now_ns,
-            });
-        }
+    if let Some((took, max)) = overruns(run, exp, now_ns) {
+        changed |= run.add_violation(Violation {
+            rule: "max_duration".into(),
+            message: format!("ran for {}, longer than the expected {}", human(took), human(max)),
+            at_ns: now_ns,
+        });
     }
     changed
 }
@@ -78,7 +88,7 @@ pub fn check_run(run: &mut ProcessRun, exp: &ProcessExpectations, now_ns: i64) -
 pub fn check_counts(run: &mut ProcessRun, exp: &ProcessExpectations, now_ns: i64) -> bool {
     let mut changed = false;
     for (outcome, b) in &exp.expected_records {
-        let n = run.counts.get(outcome).copied().unwrap_or(0.0);
+        let n = run.counts.get(outcome.as_str()).copied().unwrap_or(0.0);
         if let Some(max) = b.max {
             if n > max {
                 changed |= run.add_violation(Violation {

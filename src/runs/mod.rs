@@ -1,6 +1,8 @@
 //! Process runs: the run state ([`run`]), the expectations checked against
 //! it ([`expect`]) and the tracker that owns and persists it ([`tracker`]).
 
+pub mod compact;
 pub mod expect;
 pub mod run;
+pub mod seen;
 pub mod tracker;

@@ -3,9 +3,11 @@
 //! tie-break, minimum for first-reached, sums over de-duplicated signals), so
 //! the same set of signals yields the same run whatever order they arrive in.
 
+use super::compact::{VecMap, VecSet};
 use crate::signal::{event_id, Fact, LifecycleStatus, RunKey, Signal};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Ordering;
+use std::sync::Arc;
 
 /// Caps that keep one run's in-memory state bounded; all signals stay in storage.
 pub const MAX_NOTES: usize = 200;
@@ -13,6 +15,11 @@ pub const MAX_PAYLOADS: usize = 50;
 pub const MAX_PAYLOAD_BYTES: usize = 256 << 10;
 pub const MAX_TRACE_IDS: usize = 100;
 pub const MAX_SERVICES: usize = 50;
+
+/// Text held in a run's state: shared, so copying a run (once per commit
+/// that touches it, for the observers' before/after) copies pointers, not
+/// strings. Serialized as a plain JSON string.
+pub type Text = Arc<str>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,7 +58,7 @@ impl RunStatus {
 pub struct Sample {
     pub at_ns: i64,
     pub value: f64,
-    pub tie: String,
+    pub tie: Text,
 }
 
 impl Sample {
@@ -62,21 +69,21 @@ impl Sample {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Milestone {
-    pub name: String,
+    pub name: Text,
     pub at_ns: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Note {
     pub at_ns: i64,
-    pub text: String,
+    pub text: Text,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Payload {
     pub at_ns: i64,
     /// Canonical JSON text.
-    pub json: String,
+    pub json: Text,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,7 +110,9 @@ pub struct ProcessRun {
     pub started_at_ns: i64,
     pub last_seen_at_ns: i64,
     pub terminal: Option<Terminal>,
-    pub counts: BTreeMap<String, f64>,
+    /// Sorted small maps and sets ([`VecMap`], [`VecSet`]): they serialize
+    /// like `BTreeMap`/`BTreeSet` and cost a fraction of their memory.
+    pub counts: VecMap<Text, f64>,
     pub progress_done: Option<Sample>,
     pub progress_total: Option<Sample>,
     /// The earliest `done` sample, for the progress rate behind the ETA.
@@ -111,9 +120,9 @@ pub struct ProcessRun {
     pub milestones: Vec<Milestone>,
     pub notes: Vec<Note>,
     pub payloads: Vec<Payload>,
-    pub values: BTreeMap<String, Sample>,
-    pub trace_ids: BTreeSet<String>,
-    pub services: BTreeSet<String>,
+    pub values: VecMap<Text, Sample>,
+    pub trace_ids: VecSet<Text>,
+    pub services: VecSet<Text>,
     pub violations: Vec<Violation>,
     /// Wall-clock time the last signal was received (stall detection uses
     /// this, not the producer's clock).
@@ -130,16 +139,16 @@ impl ProcessRun {
             started_at_ns: i64::MAX,
             last_seen_at_ns: i64::MIN,
             terminal: None,
-            counts: BTreeMap::new(),
+            counts: VecMap::new(),
             progress_done: None,
             progress_total: None,
             progress_first: None,
             milestones: Vec::new(),
             notes: Vec::new(),
             payloads: Vec::new(),
-            values: BTreeMap::new(),
-            trace_ids: BTreeSet::new(),
-            services: BTreeSet::new(),
+            values: VecMap::new(),
+            trace_ids: VecSet::new(),
+            services: VecSet::new(),
             violations: Vec::new(),
             last_received_at_ns: received_ns,
             signal_count: 0,
@@ -169,36 +178,46 @@ impl ProcessRun {
         self.started_at_ns = self.started_at_ns.min(s.start_ns);
         self.last_seen_at_ns = self.last_seen_at_ns.max(s.time_ns);
         self.last_received_at_ns = self.last_received_at_ns.max(received_ns);
+        // The owned strings are made only when new.
         if !s.trace_id.is_empty() && self.trace_ids.len() < MAX_TRACE_IDS {
-            self.trace_ids.insert(s.trace_id.clone());
+            self.trace_ids.insert_with(s.trace_id.as_str(), || s.trace_id.as_str().into());
         }
         if self.services.len() < MAX_SERVICES {
-            self.services.insert(s.service.clone());
+            self.services.insert_with(s.service.as_str(), || s.service.as_str().into());
         }
         for (i, fact) in s.facts.iter().enumerate() {
-            let sample = |v: f64| Sample { at_ns: s.time_ns, value: v, tie: event_id(s.id, i as u32 + 1) };
+            let mut tie = Tie::new(s.id, i as u32 + 1);
+            let t = s.time_ns;
             match fact {
-                Fact::Records { outcome, count } => *self.counts.entry(outcome.clone()).or_insert(0.0) += count,
-                Fact::ProgressDone(v) => {
-                    let smp = sample(*v);
-                    if self.progress_first.as_ref().is_none_or(|f| !smp.newer_than(f)) {
-                        self.progress_first = Some(smp.clone());
-                    }
-                    latest(&mut self.progress_done, smp);
+                Fact::Records { outcome, count } => {
+                    *self.counts.get_or_insert_with(outcome.as_str(), || (outcome.as_str().into(), 0.0)) += count
                 }
-                Fact::ProgressTotal(v) => latest(&mut self.progress_total, sample(*v)),
-                Fact::Milestone(name) => self.add_milestone(name, s.time_ns),
-                Fact::Note(text) => self.add_note(Note { at_ns: s.time_ns, text: text.clone() }),
-                Fact::Payload(json) => self.add_payload(Payload { at_ns: s.time_ns, json: json.clone() }),
-                Fact::Value { name, value } => {
-                    let smp = sample(*value);
-                    match self.values.get_mut(name) {
-                        Some(cur) if !smp.newer_than(cur) => {}
-                        _ => {
-                            self.values.insert(name.clone(), smp);
+                Fact::ProgressDone(v) => {
+                    if self.progress_first.as_ref().is_none_or(|f| !tie.newer(t, f)) {
+                        self.progress_first = Some(tie.sample(t, *v));
+                    }
+                    if self.progress_done.as_ref().is_none_or(|c| tie.newer(t, c)) {
+                        self.progress_done = Some(tie.sample(t, *v));
+                    }
+                }
+                Fact::ProgressTotal(v) => {
+                    if self.progress_total.as_ref().is_none_or(|c| tie.newer(t, c)) {
+                        self.progress_total = Some(tie.sample(t, *v));
+                    }
+                }
+                Fact::Milestone(name) => self.add_milestone(name, t),
+                Fact::Note(text) => self.add_note(Note { at_ns: t, text: text.as_str().into() }),
+                Fact::Payload(json) => self.add_payload(Payload { at_ns: t, json: json.as_str().into() }),
+                Fact::Value { name, value } => match self.values.get_mut(name.as_str()) {
+                    Some(cur) => {
+                        if tie.newer(t, cur) {
+                            *cur = tie.sample(t, *value);
                         }
                     }
-                }
+                    None => {
+                        self.values.insert(name.as_str().into(), tie.sample(t, *value));
+                    }
+                },
                 Fact::Status { status: LifecycleStatus::Started, .. } => {}
                 Fact::Status { status, error } => {
                     let t = Terminal {
@@ -237,9 +256,9 @@ impl ProcessRun {
     }
 
     fn add_milestone(&mut self, name: &str, at_ns: i64) {
-        match self.milestones.iter_mut().find(|m| m.name == name) {
+        match self.milestones.iter_mut().find(|m| &*m.name == name) {
             Some(m) => m.at_ns = m.at_ns.min(at_ns),
-            None => self.milestones.push(Milestone { name: name.to_string(), at_ns }),
+            None => self.milestones.push(Milestone { name: name.into(), at_ns }),
         }
         self.milestones.sort_by(|a, b| (a.at_ns, &a.name).cmp(&(b.at_ns, &b.name)));
     }
@@ -275,7 +294,7 @@ impl ProcessRun {
         self.last_seen_at_ns = self.last_seen_at_ns.max(o.last_seen_at_ns);
         self.last_received_at_ns = self.last_received_at_ns.max(o.last_received_at_ns);
         for (k, v) in &o.counts {
-            *self.counts.entry(k.clone()).or_insert(0.0) += v;
+            *self.counts.get_or_insert_with(&**k, || (k.clone(), 0.0)) += v;
         }
         if let Some(s) = &o.progress_done {
             latest(&mut self.progress_done, s.clone());
@@ -298,9 +317,10 @@ impl ProcessRun {
             self.add_payload(p.clone());
         }
         for (k, v) in &o.values {
-            match self.values.get(k) {
+            match self.values.get_mut(&**k) {
                 Some(cur) if !v.newer_than(cur) => {}
-                _ => {
+                Some(cur) => *cur = v.clone(),
+                None => {
                     self.values.insert(k.clone(), v.clone());
                 }
             }
@@ -350,8 +370,56 @@ impl ProcessRun {
     }
 }
 
+/// A fact's tie-break (its event id), made only when two samples have equal times.
+struct Tie {
+    signal_id: u128,
+    seq: u32,
+    text: Option<Text>,
+}
+
+impl Tie {
+    fn new(signal_id: u128, seq: u32) -> Self {
+        Tie { signal_id, seq, text: None }
+    }
+
+    fn get(&mut self) -> &Text {
+        self.text.get_or_insert_with(|| event_id(self.signal_id, self.seq).into())
+    }
+
+    /// Whether a sample at `at_ns` with this tie is newer than `cur` (as [`Sample::newer_than`]).
+    fn newer(&mut self, at_ns: i64, cur: &Sample) -> bool {
+        match at_ns.cmp(&cur.at_ns) {
+            Ordering::Greater => true,
+            Ordering::Less => false,
+            Ordering::Equal => *self.get() > cur.tie,
+        }
+    }
+
+    fn sample(&mut self, at_ns: i64, value: f64) -> Sample {
+        Sample { at_ns, value, tie: self.get().clone() }
+    }
+}
+
 fn latest(slot: &mut Option<Sample>, s: Sample) {
     if slot.as_ref().is_none_or(|cur| s.newer_than(cur)) {
         *slot = Some(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored form (`process_runs.state`, ClickHouse `run_state`) as the
+    /// B-tree/String version of `ProcessRun` wrote it reads back and writes
+    /// out byte for byte.
+    #[test]
+    fn stored_state_format_is_unchanged() {
+        let old = r#"{"process":"p","run_id":"r","status":"succeeded","started_at_ns":1,"last_seen_at_ns":5,"terminal":{"at_ns":5,"status":"succeeded","error":null,"tie":"aa"},"counts":{"failed":1.0,"ok":3.5},"progress_done":{"at_ns":2,"value":5.0,"tie":"b"},"progress_total":null,"progress_first":{"at_ns":2,"value":5.0,"tie":"b"},"milestones":[{"name":"m","at_ns":3}],"notes":[{"at_ns":3,"text":"n"}],"payloads":[{"at_ns":4,"json":"{\"a\":1}"}],"values":{"amount":{"at_ns":4,"value":2.5,"tie":"c"},"b":{"at_ns":1,"value":-1.0,"tie":"d"}},"trace_ids":["t1","t2"],"services":["s"],"violations":[{"rule":"x","message":"y","at_ns":5}],"last_received_at_ns":6,"signal_count":4}"#;
+        let run: ProcessRun = serde_json::from_str(old).unwrap();
+        assert_eq!(serde_json::to_string(&run).unwrap(), old);
+        assert_eq!(run.counts.get("ok"), Some(&3.5));
+        assert!(run.trace_ids.contains("t2"));
+        assert_eq!(&*run.values.get("amount").unwrap().tie, "c");
     }
 }

@@ -5,8 +5,9 @@
 //! queue is full, submitters get [`SubmitError::Busy`] and answer their client
 //! with a retryable status, so pressure reaches the sender instead of memory.
 
-use super::expect::{check_counts, check_run, DeadlineRule};
+use super::expect::{check_counts, check_run, check_run_due, DeadlineRule};
 use super::run::{ProcessRun, RunStatus, Violation};
+use super::seen::SeenIds;
 use crate::config::{PipelineConfig, ProcessExpectations};
 use crate::metrics::SelfMetrics;
 use crate::signal::{RunKey, Signal};
@@ -22,7 +23,7 @@ use tokio::sync::{broadcast, oneshot};
 /// milestones are common right after the end); later ones are reloaded on demand.
 const KEEP_ENDED: Duration = Duration::from_secs(600);
 
-#[derive(Debug, thiserror::Error, Clone)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum SubmitError {
     #[error("the pipeline is full; retry later")]
     Busy,
@@ -105,14 +106,93 @@ impl TrackerHandle {
 }
 
 struct RunEntry {
-    run: ProcessRun,
-    /// Identities of the signals folded in (de-duplication).
-    seen: HashSet<u128>,
+    /// Shared with observers and subscribers as `RunChange::before`/`after`;
+    /// replaced (never mutated) when a commit changes the run.
+    run: Arc<ProcessRun>,
+    /// Identities of the committed signals folded in (exact de-duplication).
+    seen: SeenIds,
 }
 
-impl Clone for RunEntry {
-    fn clone(&self) -> Self {
-        RunEntry { run: self.run.clone(), seen: self.seen.clone() }
+/// A run's working copy in one commit. The committed state stays untouched
+/// in [`Tracker::runs`] until the write succeeds, so a failed write leaves the
+/// tracker exactly as it was; only the run state is copied, never its
+/// de-duplication set.
+struct Draft {
+    run: ProcessRun,
+    /// Ids folded in by this commit, sorted: checked together with the
+    /// committed set, merged into it when the commit succeeds, dropped when it fails.
+    new_ids: Vec<u128>,
+    /// Committed ids that are not in `Tracker::runs` under this key: those of
+    /// a run this commit loaded from storage, and of runs merged into this one.
+    extra: SeenIds,
+}
+
+impl Draft {
+    fn new(run: ProcessRun, extra: SeenIds) -> Self {
+        Draft { run, new_ids: Vec::new(), extra }
+    }
+
+    /// Whether `id` is already folded in: by this commit or a committed one (`committed`: the run's set in memory).
+    fn has(&self, committed: Option<&SeenIds>, id: u128) -> bool {
+        self.new_ids.binary_search(&id).is_ok() || self.extra.contains(id) || committed.is_some_and(|c| c.contains(id))
+    }
+
+    fn add(&mut self, id: u128) {
+        if let Err(pos) = self.new_ids.binary_search(&id) {
+            self.new_ids.insert(pos, id);
+        }
+    }
+}
+
+/// (process, trace id) → explicit run id, nested so lookups take `&str`s.
+#[derive(Default)]
+struct Aliases(HashMap<String, HashMap<String, String>>);
+
+impl Aliases {
+    fn get(&self, process: &str, trace_id: &str) -> Option<&String> {
+        self.0.get(process)?.get(trace_id)
+    }
+
+    fn contains(&self, process: &str, trace_id: &str) -> bool {
+        self.get(process, trace_id).is_some()
+    }
+
+    fn insert(&mut self, process: &str, trace_id: &str, run_id: String) {
+        match self.0.get_mut(process) {
+            Some(m) => {
+                m.insert(trace_id.to_string(), run_id);
+            }
+            None => {
+                self.0.insert(process.to_string(), HashMap::from([(trace_id.to_string(), run_id)]));
+            }
+        }
+    }
+
+    fn extend(&mut self, other: Aliases) {
+        for (p, m) in other.0 {
+            self.0.entry(p).or_default().extend(m);
+        }
+    }
+
+    /// Forgets the aliases of runs no longer in memory (storage keeps them;
+    /// `route` asks it again when one of their traces shows up).
+    fn forget_runs(&mut self, removed: &[RunKey]) {
+        if removed.is_empty() {
+            return;
+        }
+        let mut by_process: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for k in removed {
+            by_process.entry(k.process.as_str()).or_default().insert(k.run_id.as_str());
+        }
+        self.0.retain(|p, m| {
+            if let Some(gone) = by_process.get(p.as_str()) {
+                m.retain(|_, r| !gone.contains(r.as_str()));
+                if m.capacity() > 64 && m.len() < m.capacity() / 4 {
+                    m.shrink_to_fit();
+                }
+            }
+            !m.is_empty()
+        });
     }
 }
 
@@ -125,25 +205,25 @@ pub struct Tracker {
     metrics: Arc<SelfMetrics>,
     changes: broadcast::Sender<RunChange>,
     runs: HashMap<RunKey, RunEntry>,
-    /// (process, trace id) → explicit run id.
-    aliases: HashMap<(String, String), String>,
+    /// (process, trace id) → explicit run id, for the runs in memory.
+    aliases: Aliases,
     last_success: HashMap<String, i64>,
     /// Per process: the rule and its next deadline instant.
     deadlines: HashMap<String, (DeadlineRule, i64)>,
 }
 
-/// The per-commit working set: copies of the runs a commit touches, so a
-/// failed write leaves the tracker exactly as it was.
+/// The per-commit working set: copies of the runs a commit touches and the
+/// ids it folds in, so a failed write leaves the tracker exactly as it was.
 #[derive(Default)]
 struct Work {
     /// Indexes (submission, signal) of new signals and the run id they were filed under.
     accepted: Vec<(usize, usize, String)>,
-    dirty: HashMap<RunKey, RunEntry>,
+    dirty: HashMap<RunKey, Draft>,
     merged_away: HashSet<RunKey>,
     /// Runs loaded from storage (not in memory) by this commit, as they were:
     /// the `before` observers see, so a reloaded run is not mistaken for a new one.
-    loaded: HashMap<RunKey, ProcessRun>,
-    aliases: HashMap<(String, String), String>,
+    loaded: HashMap<RunKey, Arc<ProcessRun>>,
+    aliases: Aliases,
     batch: WriteBatch,
 }
 
@@ -173,8 +253,8 @@ impl Tracker {
         }
         for run in open {
             let key = run.key();
-            let seen = store.signal_ids(&key)?.into_iter().collect();
-            runs.insert(key, RunEntry { run, seen });
+            let seen = SeenIds::from_ids(store.signal_ids(&key)?);
+            runs.insert(key, RunEntry { run: Arc::new(run), seen });
         }
         let deadlines = expectations
             .iter()
@@ -199,7 +279,7 @@ impl Tracker {
             metrics,
             changes,
             runs,
-            aliases: HashMap::new(),
+            aliases: Aliases::default(),
             deadlines,
         };
         let join = std::thread::Builder::new()
@@ -267,14 +347,21 @@ impl Tracker {
             }
             outcomes.push(o);
         }
+        // (key, ids folded in, committed ids from elsewhere) of each run in `work.batch.runs`, same order.
+        let mut order = Vec::with_capacity(work.dirty.len());
         if result.is_ok() {
-            for (key, e) in work.dirty.iter_mut() {
+            for (key, d) in work.dirty.iter_mut() {
                 if let Some(exp) = self.expectations.get(&key.process) {
-                    check_run(&mut e.run, exp, now);
-                    check_counts(&mut e.run, exp, now);
+                    check_run(&mut d.run, exp, now);
+                    check_counts(&mut d.run, exp, now);
                 }
             }
-            work.batch.runs = work.dirty.values().map(|e| e.run.clone()).collect();
+            // The drafts move into the batch and back out after the write: no copies.
+            work.batch.runs.reserve_exact(work.dirty.len());
+            for (key, d) in work.dirty.drain() {
+                work.batch.runs.push(d.run);
+                order.push((key, d.new_ids, d.extra));
+            }
             let started = Instant::now();
             result = self.store.write(&work.batch);
             self.metrics.storage_write(started.elapsed().as_secs_f64());
@@ -284,28 +371,35 @@ impl Tracker {
                 SelfMetrics::add(&self.metrics.storage_commits, 1);
                 let dup: usize = outcomes.iter().map(|o| o.duplicates).sum();
                 SelfMetrics::add(&self.metrics.signals_duplicate, dup as u64);
-                let mut changes = Vec::with_capacity(work.dirty.len() + work.merged_away.len());
+                let mut changes = Vec::with_capacity(order.len() + work.merged_away.len());
                 for key in &work.merged_away {
                     // A trace-keyed run folded into a named one: observers see it end as merged (after == before).
                     if let Some(old) = self.runs.remove(key) {
-                        let run = Arc::new(old.run);
-                        changes.push(RunChange { key: key.clone(), before: Some(run.clone()), after: run });
+                        changes.push(RunChange { key: key.clone(), before: Some(old.run.clone()), after: old.run });
                     }
                 }
                 self.aliases.extend(work.aliases);
-                for (key, e) in work.dirty {
-                    if e.run.status == RunStatus::Succeeded {
-                        let end = e.run.ended_at_ns().unwrap_or(now);
+                for ((key, new_ids, extra), run) in order.into_iter().zip(work.batch.runs.drain(..)) {
+                    if run.status == RunStatus::Succeeded {
+                        let end = run.ended_at_ns().unwrap_or(now);
                         let cur = self.last_success.entry(key.process.clone()).or_insert(end);
                         *cur = (*cur).max(end);
                     }
-                    let before = self
-                        .runs
-                        .get(&key)
-                        .map(|b| Arc::new(b.run.clone()))
-                        .or_else(|| work.loaded.remove(&key).map(Arc::new));
-                    changes.push(RunChange { key: key.clone(), before, after: Arc::new(e.run.clone()) });
-                    self.runs.insert(key, e);
+                    let after = Arc::new(run);
+                    let before = match self.runs.get_mut(&key) {
+                        Some(e) => {
+                            e.seen.absorb(extra);
+                            e.seen.extend(new_ids);
+                            Some(std::mem::replace(&mut e.run, after.clone()))
+                        }
+                        None => {
+                            let mut seen = extra;
+                            seen.extend(new_ids);
+                            self.runs.insert(key.clone(), RunEntry { run: after.clone(), seen });
+                            work.loaded.remove(&key)
+                        }
+                    };
+                    changes.push(RunChange { key, before, after });
                 }
                 let signals: Vec<(&Signal, &str)> =
                     work.accepted.iter().map(|(si, i, r)| (&batch[*si].signals[*i], r.as_str())).collect();
@@ -334,11 +428,12 @@ impl Tracker {
     /// was filed under, `None` for a duplicate.
     fn fold(&mut self, s: &Signal, now: i64, work: &mut Work) -> Result<Option<String>, StorageError> {
         let key = self.route(s, work)?;
-        let entry = self.entry(&key, work, now)?;
-        if !entry.seen.insert(s.id) {
+        let draft = self.draft(&key, work, now)?;
+        if draft.has(self.runs.get(&key).map(|e| &e.seen), s.id) {
             return Ok(None);
         }
-        entry.run.apply(s, now);
+        draft.add(s.id);
+        draft.run.apply(s, now);
         work.batch.events.extend(s.to_events(&key.run_id));
         Ok(Some(key.run_id))
     }
@@ -347,24 +442,26 @@ impl Tracker {
     /// merging a trace-keyed run into the named run when one appears.
     fn route(&mut self, s: &Signal, work: &mut Work) -> Result<RunKey, StorageError> {
         let process = &s.process;
-        let trace_key = (process.clone(), s.trace_id.clone());
         if let Some(run_id) = &s.run_id {
             let key = RunKey { process: process.clone(), run_id: run_id.clone() };
             let traced = !s.trace_id.is_empty() && s.trace_id != *run_id;
-            if traced && !work.aliases.contains_key(&trace_key) && !self.aliases.contains_key(&trace_key) {
+            if traced && !work.aliases.contains(process, &s.trace_id) && !self.aliases.contains(process, &s.trace_id) {
                 // First alias wins, also across restarts.
                 if let Some(existing) = self.store.alias(process, &s.trace_id)? {
-                    self.aliases.insert(trace_key, existing);
+                    self.aliases.insert(process, &s.trace_id, existing);
                     return Ok(key);
                 }
-                work.aliases.insert(trace_key.clone(), run_id.clone());
+                work.aliases.insert(process, &s.trace_id, run_id.clone());
                 work.batch.aliases.push((process.clone(), s.trace_id.clone(), run_id.clone()));
                 let tkey = RunKey { process: process.clone(), run_id: s.trace_id.clone() };
-                if let Some(old) = self.take_entry(&tkey, work)? {
+                if let Some(old) = self.take_draft(&tkey, work)? {
                     let now = crate::now_ns();
-                    let target = self.entry(&key, work, now)?;
+                    let target = self.draft(&key, work, now)?;
                     target.run.merge(&old.run);
-                    target.seen.extend(old.seen);
+                    target.extra.absorb(old.extra);
+                    for id in old.new_ids {
+                        target.add(id);
+                    }
                     // Events of the trace-keyed run queued in this very commit move too.
                     for e in
                         work.batch.events.iter_mut().filter(|e| e.process == tkey.process && e.run_id == tkey.run_id)
@@ -377,7 +474,7 @@ impl Tracker {
             }
             return Ok(key);
         }
-        if let Some(r) = work.aliases.get(&trace_key).or_else(|| self.aliases.get(&trace_key)) {
+        if let Some(r) = work.aliases.get(process, &s.trace_id).or_else(|| self.aliases.get(process, &s.trace_id)) {
             return Ok(RunKey { process: process.clone(), run_id: r.clone() });
         }
         let tkey = RunKey { process: process.clone(), run_id: s.trace_id.clone() };
@@ -385,51 +482,61 @@ impl Tracker {
             return Ok(tkey);
         }
         if let Some(r) = self.store.alias(process, &s.trace_id)? {
-            self.aliases.insert(trace_key, r.clone());
+            self.aliases.insert(process, &s.trace_id, r.clone());
             return Ok(RunKey { process: process.clone(), run_id: r });
         }
         Ok(tkey)
     }
 
     /// The working copy of a run: already touched, in memory, in storage, or new.
-    fn entry<'w>(&mut self, key: &RunKey, work: &'w mut Work, now: i64) -> Result<&'w mut RunEntry, StorageError> {
+    fn draft<'w>(&self, key: &RunKey, work: &'w mut Work, now: i64) -> Result<&'w mut Draft, StorageError> {
         if !work.dirty.contains_key(key) {
-            let e = match self.runs.get(key) {
-                Some(e) => e.clone(),
+            let d = match self.runs.get(key) {
+                // Its committed ids stay in `self.runs`; only the run state is copied.
+                Some(e) => Draft::new((*e.run).clone(), SeenIds::default()),
                 None => match self.load(key)? {
-                    Some(e) => {
-                        work.loaded.insert(key.clone(), e.run.clone());
-                        e
+                    Some((run, seen)) => {
+                        let d = Draft::new(run.clone(), seen);
+                        work.loaded.insert(key.clone(), Arc::new(run));
+                        d
                     }
-                    None => RunEntry { run: ProcessRun::new(key, now), seen: HashSet::new() },
+                    None => Draft::new(ProcessRun::new(key, now), SeenIds::default()),
                 },
             };
-            work.dirty.insert(key.clone(), e);
+            work.dirty.insert(key.clone(), d);
         }
         Ok(work.dirty.get_mut(key).expect("inserted above"))
     }
 
-    fn take_entry(&mut self, key: &RunKey, work: &mut Work) -> Result<Option<RunEntry>, StorageError> {
-        if let Some(e) = work.dirty.remove(key) {
-            return Ok(Some(e));
+    /// A run about to be merged into another, with all its ids (committed ones in `extra`).
+    fn take_draft(&self, key: &RunKey, work: &mut Work) -> Result<Option<Draft>, StorageError> {
+        if let Some(mut d) = work.dirty.remove(key) {
+            if let Some(e) = self.runs.get(key) {
+                d.extra.absorb(e.seen.clone());
+            }
+            return Ok(Some(d));
         }
         if let Some(e) = self.runs.get(key) {
-            return Ok(Some(e.clone()));
+            return Ok(Some(Draft::new((*e.run).clone(), e.seen.clone())));
         }
-        self.load(key)
+        Ok(self.load(key)?.map(|(run, seen)| Draft::new(run, seen)))
     }
 
-    fn load(&self, key: &RunKey) -> Result<Option<RunEntry>, StorageError> {
+    fn load(&self, key: &RunKey) -> Result<Option<(ProcessRun, SeenIds)>, StorageError> {
         let Some(run) = self.store.get_run(key)? else { return Ok(None) };
-        let seen = self.store.signal_ids(key)?.into_iter().collect();
-        Ok(Some(RunEntry { run, seen }))
+        let seen = SeenIds::from_ids(self.store.signal_ids(key)?);
+        Ok(Some((run, seen)))
     }
 
     /// Time-driven checks: stalls, durations, deadlines; and forgetting old ended runs.
     /// Keeps at most `max_active_runs` open runs in memory: the least
     /// recently active are marked `evicted`, written, and dropped from memory
     /// (a later signal reloads them from storage).
-    fn evict(&mut self, now: i64) {
+    fn evict(&mut self, now: i64, removed: &mut Vec<RunKey>) {
+        let open_runs = self.runs.values().filter(|e| !e.run.status.is_terminal()).count();
+        if open_runs <= self.max_active_runs {
+            return;
+        }
         let mut open: Vec<(i64, RunKey)> = self
             .runs
             .iter()
@@ -444,7 +551,7 @@ impl Tracker {
         let mut batch = WriteBatch::default();
         let mut changes = Vec::with_capacity(n);
         for (_, key) in open.into_iter().take(n) {
-            let before = Arc::new(self.runs[&key].run.clone());
+            let before = self.runs[&key].run.clone();
             let mut after = (*before).clone();
             after.add_violation(Violation {
                 rule: "evicted".into(),
@@ -469,6 +576,7 @@ impl Tracker {
         );
         for c in &changes {
             self.runs.remove(&c.key);
+            removed.push(c.key.clone());
         }
         for o in &self.observers {
             o.committed(&[], &changes, &[]);
@@ -480,15 +588,16 @@ impl Tracker {
 
     fn tick(&mut self, now: i64) {
         let mut batch = WriteBatch::default();
-        let mut changed: Vec<RunEntry> = Vec::new();
+        let mut changed: Vec<ProcessRun> = Vec::new();
         for (key, e) in &self.runs {
             let Some(exp) = self.expectations.get(&key.process) else { continue };
-            if e.run.status.is_terminal() {
+            // Copy only the runs the check will change.
+            if e.run.status.is_terminal() || !check_run_due(&e.run, exp, now) {
                 continue;
             }
-            let mut copy = e.run.clone();
+            let mut copy = (*e.run).clone();
             if check_run(&mut copy, exp, now) {
-                changed.push(RunEntry { run: copy, seen: HashSet::new() });
+                changed.push(copy);
             }
         }
         let mut fired = Vec::new();
@@ -509,16 +618,16 @@ impl Tracker {
                     continue;
                 }
                 any_open = true;
-                let base = changed.iter().position(|c| c.run.key() == *key);
+                let base = changed.iter().position(|c| c.process == key.process && c.run_id == key.run_id);
                 let mut copy = match base {
-                    Some(i) => changed.remove(i).run,
-                    None => e.run.clone(),
+                    Some(i) => changed.remove(i),
+                    None => (*e.run).clone(),
                 };
                 copy.add_violation(Violation {
                     message: format!("{} (this run was still {})", v.message, copy.status.as_str()),
                     ..v.clone()
                 });
-                changed.push(RunEntry { run: copy, seen: HashSet::new() });
+                changed.push(copy);
             }
             if !any_open {
                 batch.process_violations.push((
@@ -527,7 +636,7 @@ impl Tracker {
                 ));
             }
         }
-        batch.runs = changed.iter().map(|e| e.run.clone()).collect();
+        batch.runs = changed;
         if !batch.is_empty() {
             let started = Instant::now();
             let written = self.store.write(&batch);
@@ -546,12 +655,14 @@ impl Tracker {
                 *next = rule.next_after(now);
             }
         }
+        let changed = std::mem::take(&mut batch.runs);
         let mut changes = Vec::with_capacity(changed.len());
         for c in changed {
-            let key = c.run.key();
+            let key = c.key();
             if let Some(e) = self.runs.get_mut(&key) {
-                let before = Arc::new(std::mem::replace(&mut e.run, c.run));
-                changes.push(RunChange { key, before: Some(before), after: Arc::new(e.run.clone()) });
+                let after = Arc::new(c);
+                let before = std::mem::replace(&mut e.run, after.clone());
+                changes.push(RunChange { key, before: Some(before), after });
             }
         }
         if !changes.is_empty() || !batch.process_violations.is_empty() {
@@ -562,8 +673,195 @@ impl Tracker {
         for c in changes {
             let _ = self.changes.send(c);
         }
-        self.evict(now);
+        let mut removed = Vec::new();
+        self.evict(now, &mut removed);
         let keep = KEEP_ENDED.as_nanos() as i64;
-        self.runs.retain(|_, e| !e.run.status.is_terminal() || now - e.run.last_received_at_ns < keep);
+        self.runs.retain(|k, e| {
+            let stay = !e.run.status.is_terminal() || now - e.run.last_received_at_ns < keep;
+            if !stay {
+                removed.push(k.clone());
+            }
+            stay
+        });
+        self.aliases.forget_runs(&removed);
+        if !removed.is_empty() && self.runs.capacity() > 1024 && self.runs.len() < self.runs.capacity() / 4 {
+            self.runs.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::{BusinessEvent, Fact, SignalKind};
+    use crate::storage::{ProcessSummary, RunCursor, RunQuery};
+    use std::sync::Mutex;
+
+    /// An in-memory store whose writes can be made to fail.
+    #[derive(Default)]
+    struct MemStore {
+        fail: AtomicBool,
+        runs: Mutex<HashMap<RunKey, ProcessRun>>,
+        ids: Mutex<HashMap<RunKey, Vec<u128>>>,
+        aliases: Mutex<HashMap<(String, String), String>>,
+    }
+
+    impl Store for MemStore {
+        fn write(&self, b: &WriteBatch) -> Result<(), StorageError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StorageError::Unavailable("disk on fire".into()));
+            }
+            let mut ids = self.ids.lock().unwrap();
+            let mut runs = self.runs.lock().unwrap();
+            for e in &b.events {
+                let key = RunKey { process: e.process.clone(), run_id: e.run_id.clone() };
+                ids.entry(key).or_default().push(u128::from_str_radix(&e.signal_id, 16).unwrap());
+            }
+            for (from, to) in &b.merges {
+                let moved = ids.remove(from).unwrap_or_default();
+                ids.entry(RunKey { process: from.process.clone(), run_id: to.clone() }).or_default().extend(moved);
+                runs.remove(from);
+            }
+            for r in &b.runs {
+                runs.insert(r.key(), r.clone());
+            }
+            for (p, t, r) in &b.aliases {
+                self.aliases.lock().unwrap().entry((p.clone(), t.clone())).or_insert_with(|| r.clone());
+            }
+            Ok(())
+        }
+        fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError> {
+            Ok(self.runs.lock().unwrap().values().filter(|r| !r.status.is_terminal()).cloned().collect())
+        }
+        fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
+            Ok(self.runs.lock().unwrap().get(key).cloned())
+        }
+        fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
+            let mut v = self.ids.lock().unwrap().get(key).cloned().unwrap_or_default();
+            v.sort_unstable();
+            v.dedup();
+            Ok(v)
+        }
+        fn alias(&self, p: &str, t: &str) -> Result<Option<String>, StorageError> {
+            Ok(self.aliases.lock().unwrap().get(&(p.to_string(), t.to_string())).cloned())
+        }
+        fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError> {
+            Ok(vec![])
+        }
+        fn list_processes(&self) -> Result<Vec<ProcessSummary>, StorageError> {
+            Ok(vec![])
+        }
+        fn list_runs(&self, _: &RunQuery) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError> {
+            Ok((vec![], None))
+        }
+        fn run_events(&self, _: &RunKey, _: usize) -> Result<Vec<BusinessEvent>, StorageError> {
+            Ok(vec![])
+        }
+    }
+
+    fn sig(id: u128, run_id: Option<&str>, trace: &str, n: f64) -> Signal {
+        Signal {
+            id,
+            kind: SignalKind::Span,
+            process: "p".into(),
+            run_id: run_id.map(str::to_string),
+            trace_id: trace.into(),
+            span_id: format!("{id:016x}"),
+            name: "s".into(),
+            start_ns: 1_000 + id as i64,
+            time_ns: 2_000 + id as i64,
+            text: String::new(),
+            service: "svc".into(),
+            attributes: vec![],
+            resource: vec![],
+            facts: vec![Fact::Records { outcome: "ok".into(), count: n }],
+        }
+    }
+
+    fn start(store: Arc<MemStore>) -> (TrackerHandle, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+        let sd = Arc::new(AtomicBool::new(false));
+        let (h, j) = Tracker::start(
+            store,
+            BTreeMap::new(),
+            PipelineConfig::default(),
+            Arc::new(SelfMetrics::default()),
+            vec![],
+            usize::MAX,
+            sd.clone(),
+        )
+        .unwrap();
+        (h, sd, j)
+    }
+
+    fn key(run: &str) -> RunKey {
+        RunKey { process: "p".into(), run_id: run.into() }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_runs_and_deduplication_as_they_were() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let store = Arc::new(MemStore::default());
+        let (h, sd, j) = start(store.clone());
+        let ok = |stored, duplicates| Ok(Outcome { stored, duplicates });
+        assert_eq!(rt.block_on(h.submit(vec![sig(1, Some("r"), "", 1.0), sig(2, Some("r"), "", 2.0)])), ok(2, 0));
+        // A commit that fails: a new signal, a duplicate, a new signal twice, a new run.
+        store.fail.store(true, Ordering::SeqCst);
+        let batch = || {
+            vec![
+                sig(3, Some("r"), "", 4.0),
+                sig(1, Some("r"), "", 1.0),
+                sig(4, Some("r"), "", 8.0),
+                sig(4, Some("r"), "", 8.0),
+                sig(5, Some("q"), "", 16.0),
+            ]
+        };
+        assert!(matches!(rt.block_on(h.submit(batch())), Err(SubmitError::Storage(_))));
+        store.fail.store(false, Ordering::SeqCst);
+        // The retry: exactly the signals the failed commit would have added count, once.
+        assert_eq!(rt.block_on(h.submit(batch())), ok(3, 2));
+        assert_eq!(rt.block_on(h.submit(batch())), ok(0, 5));
+        let r = store.get_run(&key("r")).unwrap().unwrap();
+        assert_eq!((r.counts.get("ok"), r.signal_count), (Some(&15.0), 4));
+        let q = store.get_run(&key("q")).unwrap().unwrap();
+        assert_eq!((q.counts.get("ok"), q.signal_count), (Some(&16.0), 1));
+        sd.store(true, Ordering::SeqCst);
+        drop(h);
+        j.join().unwrap();
+    }
+
+    #[test]
+    fn duplicates_of_a_merged_trace_run_are_recognised_after_the_merge_and_a_restart() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let store = Arc::new(MemStore::default());
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let (h, sd, j) = start(store.clone());
+        // Children first (trace-keyed run), then the named root merges it; then every signal again.
+        assert_eq!(
+            rt.block_on(h.submit(vec![sig(10, None, trace, 1.0), sig(11, None, trace, 1.0)])).unwrap().stored,
+            2
+        );
+        store.fail.store(true, Ordering::SeqCst);
+        assert!(rt.block_on(h.submit(vec![sig(12, Some("named"), trace, 1.0), sig(13, None, trace, 1.0)])).is_err());
+        store.fail.store(false, Ordering::SeqCst);
+        let o = rt.block_on(h.submit(vec![
+            sig(12, Some("named"), trace, 1.0),
+            sig(13, None, trace, 1.0),
+            sig(10, None, trace, 1.0),
+        ]));
+        assert_eq!(o, Ok(Outcome { stored: 2, duplicates: 1 }));
+        let all =
+            || (10..14).map(|i| sig(i, if i == 12 { Some("named") } else { None }, trace, 1.0)).collect::<Vec<_>>();
+        assert_eq!(rt.block_on(h.submit(all())), Ok(Outcome { stored: 0, duplicates: 4 }));
+        sd.store(true, Ordering::SeqCst);
+        drop(h);
+        j.join().unwrap();
+        let r = store.get_run(&key("named")).unwrap().unwrap();
+        assert_eq!((r.counts.get("ok"), r.signal_count), (Some(&4.0), 4));
+        // After a restart the set comes from storage.
+        let (h, sd, j) = start(store.clone());
+        assert_eq!(rt.block_on(h.submit(all())), Ok(Outcome { stored: 0, duplicates: 4 }));
+        sd.store(true, Ordering::SeqCst);
+        drop(h);
+        j.join().unwrap();
     }
 }

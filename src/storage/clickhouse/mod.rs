@@ -475,7 +475,7 @@ impl ClickHouseStore {
             run.started_at_ns = r.started_ns;
             run.last_seen_at_ns = r.last_seen_ns;
             run.signal_count = r.signals;
-            run.counts = r.ck.into_iter().zip(r.cv).collect();
+            run.counts = r.ck.into_iter().map(Into::into).zip(r.cv).collect();
             if r.term_ns > 0 {
                 let status = if r.term_status == "failed" { RunStatus::Failed } else { RunStatus::Succeeded };
                 run.terminal = Some(Terminal {
@@ -489,27 +489,31 @@ impl ClickHouseStore {
                 run.status = RunStatus::Stalled;
             }
             if r.pdone_ns > 0 || !r.pdone_tie.is_empty() {
-                run.progress_done = Some(Sample { at_ns: r.pdone_ns, value: r.pdone_v, tie: r.pdone_tie });
+                run.progress_done = Some(Sample { at_ns: r.pdone_ns, value: r.pdone_v, tie: r.pdone_tie.into() });
             }
             if r.ptotal_ns > 0 || !r.ptotal_tie.is_empty() {
-                run.progress_total = Some(Sample { at_ns: r.ptotal_ns, value: r.ptotal_v, tie: r.ptotal_tie });
+                run.progress_total = Some(Sample { at_ns: r.ptotal_ns, value: r.ptotal_v, tie: r.ptotal_tie.into() });
             }
             let mut ms: Vec<Milestone> =
-                r.mk.into_iter().zip(r.mv).map(|(name, at_ns)| Milestone { name, at_ns }).collect();
+                r.mk.into_iter().zip(r.mv).map(|(name, at_ns)| Milestone { name: name.into(), at_ns }).collect();
             ms.sort_by(|a, b| (a.at_ns, &a.name).cmp(&(b.at_ns, &b.name)));
             run.milestones = ms;
-            run.services = r.svc.into_iter().take(crate::runs::run::MAX_SERVICES).collect();
-            run.trace_ids = r.tids.into_iter().take(crate::runs::run::MAX_TRACE_IDS).collect();
+            run.services = r.svc.into_iter().take(crate::runs::run::MAX_SERVICES).map(Into::into).collect();
+            run.trace_ids = r.tids.into_iter().take(crate::runs::run::MAX_TRACE_IDS).map(Into::into).collect();
             for x in by_run.remove(&(key.process.clone(), key.run_id.clone())).unwrap_or_default() {
-                let smp = Sample { at_ns: x.t, value: x.v, tie: x.event_id.clone() };
+                let smp = Sample { at_ns: x.t, value: x.v, tie: x.event_id.as_str().into() };
                 match x.kind.as_str() {
                     "value" => {
-                        if run.values.get(&x.name).is_none_or(|cur| (smp.at_ns, &smp.tie) > (cur.at_ns, &cur.tie)) {
-                            run.values.insert(x.name.clone(), smp);
+                        if run
+                            .values
+                            .get(x.name.as_str())
+                            .is_none_or(|cur| (smp.at_ns, &smp.tie) > (cur.at_ns, &cur.tie))
+                        {
+                            run.values.insert(x.name.as_str().into(), smp);
                         }
                     }
-                    "note" => run.notes.push(Note { at_ns: x.t, text: x.text }),
-                    "payload" => run.payloads.push(Payload { at_ns: x.t, json: x.payload }),
+                    "note" => run.notes.push(Note { at_ns: x.t, text: x.text.into() }),
+                    "payload" => run.payloads.push(Payload { at_ns: x.t, json: x.payload.into() }),
                     "progress" => {
                         if run.progress_first.as_ref().is_none_or(|f| (smp.at_ns, &smp.tie) < (f.at_ns, &f.tie)) {
                             run.progress_first = Some(smp);
