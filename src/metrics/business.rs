@@ -306,7 +306,7 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
     use crate::classify::REJECT_REASONS;
     use std::sync::atomic::Ordering::Relaxed;
     type Getter = fn(&SelfMetrics) -> u64;
-    let counters: [(&'static str, &'static str, &'static str, Getter); 18] = [
+    let counters: [(&'static str, &'static str, &'static str, Getter); 19] = [
         (
             "bizsignal.requests.refused",
             "{request}",
@@ -372,6 +372,12 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
             "{row}",
             "Event rows drained from the spool into ClickHouse (replay progress).",
             |m| m.clickhouse.replayed_rows.load(Relaxed),
+        ),
+        (
+            "bizsignal.clickhouse.inserts",
+            "{insert}",
+            "Inserts into business_events acknowledged by ClickHouse (one per writer group).",
+            |m| m.clickhouse.event_inserts.load(Relaxed),
         ),
         ("bizsignal.clickhouse.retries", "{insert}", "ClickHouse inserts retried after a transient failure.", |m| {
             m.clickhouse.retries.load(Relaxed)

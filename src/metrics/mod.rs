@@ -66,6 +66,9 @@ pub struct ClickHouseMetrics {
     /// Append time (unix ns) of the oldest spooled record; 0 when empty.
     pub spool_oldest_ns: AtomicU64,
     pub replayed_rows: AtomicU64,
+    /// `business_events` inserts sent and acknowledged (rows per insert =
+    /// `replayed_rows / event_inserts`, ignoring skipped duplicates).
+    pub event_inserts: AtomicU64,
     pub retries: AtomicU64,
     pub dead_lettered: AtomicU64,
 }

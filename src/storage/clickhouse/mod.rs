@@ -34,24 +34,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Rows a spool record will insert (for cutting groups), without decoding it all.
-fn rows_hint(payload: &[u8]) -> usize {
-    #[derive(Deserialize)]
-    struct Signal {
-        rows: Vec<serde::de::IgnoredAny>,
-    }
-    #[derive(Deserialize)]
-    struct Count {
-        #[serde(default)]
-        events: Vec<serde::de::IgnoredAny>,
-        #[serde(default)]
-        signals: Vec<Signal>,
-    }
-    serde_json::from_slice::<Count>(payload)
-        .map(|c| (c.events.len() + c.signals.iter().map(|s| s.rows.len()).sum::<usize>()).max(1))
-        .unwrap_or(1)
-}
-
 /// What spooled-but-unacknowledged records say, keyed with the record's seq.
 #[derive(Default)]
 struct Pending {

@@ -139,50 +139,76 @@ fn finish(shared: &StoreShared, g: &Group) {
 }
 
 /// Waits for records and cuts the next group (or re-sends the in-flight one).
+///
+/// Records are read and decoded a few at a time until the group has
+/// `batch_max_rows` rows, and the group is built from what was read: a
+/// backlog in the spool is never read whole to cut one group, and no record
+/// is read or decoded twice.
 async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
     let ledger = shared.spool.ledger();
-    let (first, last) = match ledger.inflight {
-        Some(r) => r,
-        None => {
-            let Some(oldest) = shared.spool.oldest_at_ns() else {
-                tokio::select! {
-                    _ = shared.appended.notified() => {}
-                    _ = shared.stopped.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-                return Ok(None);
-            };
-            // Cut by rows; wait for more until the oldest record is `batch_max_wait` old.
-            let recs = shared.spool.read(ledger.acked, 10_000).map_err(|e| e.to_string())?;
-            let mut rows = 0usize;
-            let mut last = ledger.acked;
-            for (seq, _, payload) in &recs {
-                rows += super::rows_hint(payload);
-                last = *seq;
-                if rows >= shared.cfg.batch_max_rows {
-                    break;
-                }
-            }
-            let age = Duration::from_nanos((crate::now_ns() - oldest).max(0) as u64);
-            let flush = shared.flush_requested.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire);
-            if rows < shared.cfg.batch_max_rows && age < shared.cfg.batch_max_wait && !flush {
-                let wait = shared.cfg.batch_max_wait - age;
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shared.flush_kick.notified() => {}
-                    _ = shared.stopped.notified() => {}
-                }
-                return Ok(None);
-            }
-            shared.spool.set_inflight(Some((ledger.acked + 1, last))).map_err(|e| e.to_string())?;
-            (ledger.acked + 1, last)
+    if let Some((first, last)) = ledger.inflight {
+        let recs = shared.spool.read(first - 1, (last - first + 1) as usize).map_err(|e| e.to_string())?;
+        let recs = recs.into_iter().filter(|r| r.0 <= last).map(|(seq, _, payload)| {
+            let decoded = SpoolBatch::decode(&payload);
+            (seq, payload, decoded)
+        });
+        return Ok(Some(build_group(shared, first, last, recs.collect())));
+    }
+    let Some(oldest) = shared.spool.oldest_at_ns() else {
+        tokio::select! {
+            _ = shared.appended.notified() => {}
+            _ = shared.stopped.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
+        return Ok(None);
     };
-    let recs = shared.spool.read(first - 1, (last - first + 1) as usize).map_err(|e| e.to_string())?;
+    // Cut by rows; wait for more until the oldest record is `batch_max_wait` old.
+    const CHUNK: usize = 16;
+    let mut recs = Vec::new();
+    let mut rows = 0usize;
+    let mut last = ledger.acked;
+    'cut: loop {
+        let chunk = shared.spool.read(last, CHUNK).map_err(|e| e.to_string())?;
+        let n = chunk.len();
+        for (seq, _, payload) in chunk {
+            let decoded = SpoolBatch::decode(&payload);
+            rows += decoded.as_ref().map(|b| b.events.len().max(1)).unwrap_or(1);
+            last = seq;
+            recs.push((seq, payload, decoded));
+            if rows >= shared.cfg.batch_max_rows {
+                break 'cut;
+            }
+        }
+        if n < CHUNK {
+            break;
+        }
+    }
+    if recs.is_empty() {
+        return Ok(None);
+    }
+    let age = Duration::from_nanos((crate::now_ns() - oldest).max(0) as u64);
+    let flush = shared.flush_requested.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire);
+    if rows < shared.cfg.batch_max_rows && age < shared.cfg.batch_max_wait && !flush {
+        let wait = shared.cfg.batch_max_wait - age;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.flush_kick.notified() => {}
+            _ = shared.stopped.notified() => {}
+        }
+        return Ok(None);
+    }
+    let first = ledger.acked + 1;
+    shared.spool.set_inflight(Some((first, last))).map_err(|e| e.to_string())?;
+    Ok(Some(build_group(shared, first, last, recs)))
+}
+
+type Decoded = (u64, Vec<u8>, Result<SpoolBatch, serde_json::Error>);
+
+fn build_group(shared: &StoreShared, first: u64, last: u64, recs: Vec<Decoded>) -> Group {
     let mut batches = Vec::with_capacity(recs.len());
     let mut raw = Vec::with_capacity(recs.len());
-    for (seq, _, payload) in recs.into_iter().filter(|r| r.0 <= last) {
-        match SpoolBatch::decode(&payload) {
+    for (seq, payload, decoded) in recs {
+        match decoded {
             Ok(b) => batches.push((seq as i64, b)),
             Err(e) => {
                 tracing::error!(seq, error = %e, "undecodable spool record; moved to the dead-letter file");
@@ -191,7 +217,7 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
         }
         raw.push(payload);
     }
-    Ok(Some(Group { first, last, batches, raw }))
+    Group { first, last, batches, raw }
 }
 
 async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
@@ -199,6 +225,10 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
     let events: Vec<EventRow> = g.batches.iter().flat_map(|(_, b)| b.events.iter().map(EventRow::from_event)).collect();
     let events = without_stored(shared, events).await?;
     insert(shared, EVENTS, &events, &token(EVENTS, 0)).await?;
+    if !events.is_empty() {
+        shared.metrics.clickhouse.event_inserts.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(rows = events.len(), records = g.batches.len(), "ClickHouse business_events insert");
+    }
     let aliases: Vec<AliasRow> = g
         .batches
         .iter()
