@@ -7,11 +7,10 @@ use bizsignal::config::{Limits, MetricsConfig, PipelineConfig};
 use bizsignal::loadgen::{sample_request, Signal as Kind};
 use bizsignal::metrics::export::MetricsPipeline;
 use bizsignal::metrics::SelfMetrics;
-use bizsignal::runs::run::ProcessRun;
 use bizsignal::runs::tracker::{Observer, Tracker, TrackerHandle};
-use bizsignal::signal::{BusinessEvent, RunKey, Signal};
+use bizsignal::signal::Signal;
 use bizsignal::storage::sqlite::SqliteStore;
-use bizsignal::storage::{ProcessSummary, RunCursor, RunQuery, StorageError, Store, WriteBatch};
+use bizsignal::storage::{NullStore, Store};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
@@ -23,36 +22,6 @@ use std::time::Duration;
 const BATCH: usize = 200;
 
 /// A store that accepts everything and keeps nothing: isolates the tracker.
-struct NullStore;
-impl Store for NullStore {
-    fn write(&self, _: &WriteBatch) -> Result<(), StorageError> {
-        Ok(())
-    }
-    fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError> {
-        Ok(vec![])
-    }
-    fn get_run(&self, _: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
-        Ok(None)
-    }
-    fn signal_ids(&self, _: &RunKey) -> Result<Vec<u128>, StorageError> {
-        Ok(vec![])
-    }
-    fn alias(&self, _: &str, _: &str) -> Result<Option<String>, StorageError> {
-        Ok(None)
-    }
-    fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError> {
-        Ok(vec![])
-    }
-    fn list_processes(&self) -> Result<Vec<ProcessSummary>, StorageError> {
-        Ok(vec![])
-    }
-    fn list_runs(&self, _: &RunQuery) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError> {
-        Ok((vec![], None))
-    }
-    fn run_events(&self, _: &RunKey, _: usize) -> Result<Vec<BusinessEvent>, StorageError> {
-        Ok(vec![])
-    }
-}
 
 fn classifier() -> Classifier {
     Classifier::new(Limits::default(), &[]).unwrap()

@@ -117,3 +117,37 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 }
+
+/// Keeps nothing and finds nothing: measures the pipeline without storage
+/// (benchmarks).
+#[derive(Debug, Default)]
+pub struct NullStore;
+impl Store for NullStore {
+    fn write(&self, _: &WriteBatch) -> Result<(), StorageError> {
+        Ok(())
+    }
+    fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError> {
+        Ok(vec![])
+    }
+    fn get_run(&self, _: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
+        Ok(None)
+    }
+    fn signal_ids(&self, _: &RunKey) -> Result<Vec<u128>, StorageError> {
+        Ok(vec![])
+    }
+    fn alias(&self, _: &str, _: &str) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
+    fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError> {
+        Ok(vec![])
+    }
+    fn list_processes(&self) -> Result<Vec<ProcessSummary>, StorageError> {
+        Ok(vec![])
+    }
+    fn list_runs(&self, _: &RunQuery) -> Result<(Vec<ProcessRun>, Option<RunCursor>), StorageError> {
+        Ok((vec![], None))
+    }
+    fn run_events(&self, _: &RunKey, _: usize) -> Result<Vec<BusinessEvent>, StorageError> {
+        Ok(vec![])
+    }
+}
