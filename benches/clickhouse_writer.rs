@@ -352,16 +352,20 @@ fn produce(store: &ClickHouseStore, a: &Args, tpl: &[Signal]) -> Produced {
             let key = s.run_key();
             let run = runs.entry(key.clone()).or_insert_with(|| ProcessRun::new(&key, now));
             run.apply(&s, now);
-            b.events.extend(s.to_events(&key.run_id));
+            b.signals.push(bizsignal::storage::record::SignalRecord::from_signal(&s, &key.run_id));
             touched.push(key);
         }
         touched.sort();
         touched.dedup();
-        b.runs = touched.iter().map(|k| runs[k].clone()).collect();
-        let rows = b.events.len() as u64;
-        let w0 = thread_cpu_self();
+        b.runs = touched.iter().map(|k| std::sync::Arc::new(runs[k].clone())).collect();
+        let rows = b.signals.iter().map(|s| s.rows.len()).sum::<usize>() as u64;
         loop {
-            match store.write(&b) {
+            // The copy for a retry is made outside the measured write.
+            let attempt = b.clone();
+            let w0 = thread_cpu_self();
+            let res = store.write(attempt);
+            p.write_ns += thread_cpu_self() - w0;
+            match res {
                 Ok(()) => break,
                 Err(StorageError::Unavailable(_)) => {
                     p.refused += 1;
@@ -370,7 +374,6 @@ fn produce(store: &ClickHouseStore, a: &Args, tpl: &[Signal]) -> Produced {
                 Err(e) => panic!("write failed: {e}"),
             }
         }
-        p.write_ns += thread_cpu_self() - w0;
         p.signals += a.batch as u64;
         p.rows += rows;
         p.writes += 1;

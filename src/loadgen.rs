@@ -190,10 +190,17 @@ const PROCESSES: [&str; 8] = [
     "ledger-close",
 ];
 
-fn business_attrs(rng: &mut Rng, o: &LoadgenOptions) -> Vec<KeyValue> {
+/// A business span's attributes and the trace id of its run: a run is one
+/// execution of a job, and its spans share the job's trace (with a span of
+/// its own trace per business span, every run would carry the maximum of
+/// 100 trace ids, which real runs rarely do).
+fn business_attrs(rng: &mut Rng, o: &LoadgenOptions) -> (Vec<KeyValue>, [u8; 16]) {
     let p = rng.below(o.processes.clamp(1, PROCESSES.len()));
     let run = rng.below(o.runs);
-    vec![
+    let mut trace_id = [0u8; 16];
+    trace_id[..8].copy_from_slice(&(0xB0B0_0000_0000_0000u64 | p as u64).to_be_bytes());
+    trace_id[8..].copy_from_slice(&(run as u64).to_be_bytes());
+    let attrs = vec![
         kv("business.process.name", s(PROCESSES[p])),
         kv("business.run.id", s(format!("run-{p}-{run:07}"))),
         kv("business.records.processed", Value::IntValue(rng.below(5000) as i64)),
@@ -204,7 +211,8 @@ fn business_attrs(rng: &mut Rng, o: &LoadgenOptions) -> Vec<KeyValue> {
         kv("thread.name", s("worker-3")),
         kv("db.system", s("postgresql")),
         kv("batch.size", Value::IntValue(500)),
-    ]
+    ];
+    (attrs, trace_id)
 }
 
 fn plain_attrs(rng: &mut Rng) -> Vec<KeyValue> {
@@ -252,9 +260,14 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
                 let id = MARKER | ((t as u64) << 24) | i as u64;
                 ids.push(id);
                 let b = is_business(rng);
-                let mut trace_id = [0u8; 16];
-                trace_id[..8].copy_from_slice(&rng.next().to_be_bytes());
-                trace_id[8..].copy_from_slice(&rng.next().to_be_bytes());
+                let (attributes, trace_id) = if b {
+                    business_attrs(rng, o)
+                } else {
+                    let mut trace_id = [0u8; 16];
+                    trace_id[..8].copy_from_slice(&rng.next().to_be_bytes());
+                    trace_id[8..].copy_from_slice(&rng.next().to_be_bytes());
+                    (plain_attrs(rng), trace_id)
+                };
                 spans.push(Span {
                     trace_id: trace_id.to_vec(),
                     span_id: id.to_be_bytes().to_vec(),
@@ -264,7 +277,7 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
                     kind: SpanKind::Server as i32,
                     start_time_unix_nano: now - 2_000_000,
                     end_time_unix_nano: now,
-                    attributes: if b { business_attrs(rng, o) } else { plain_attrs(rng) },
+                    attributes,
                     status: Some(SpanStatus { code: StatusCode::Ok as i32, message: String::new() }),
                     ..Default::default()
                 });
@@ -298,7 +311,7 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
                     severity_number: 9,
                     severity_text: "INFO".into(),
                     body: Some(AnyValue { value: Some(s(if b { "batch reconciled" } else { "request served" })) }),
-                    attributes: if b { business_attrs(rng, o) } else { plain_attrs(rng) },
+                    attributes: if b { business_attrs(rng, o).0 } else { plain_attrs(rng) },
                     trace_id: vec![7; 16],
                     span_id: id.to_be_bytes().to_vec(),
                     ..Default::default()

@@ -107,78 +107,14 @@ impl Signal {
 
     /// Flattens the signal into storage rows: one row for the signal itself,
     /// one per fact. Event ids are deterministic, so a replayed insert can be
-    /// recognised by every backend.
+    /// recognised by every backend. (The tracker builds the grouped form,
+    /// [`SignalRecord::from_signal`](crate::storage::record::SignalRecord::from_signal), directly.)
     pub fn to_events(&self, run_id: &str) -> Vec<BusinessEvent> {
-        let mut out = Vec::with_capacity(self.facts.len() + 1);
-        let attributes = serde_json::to_string(&pairs_to_map(&self.attributes)).unwrap_or_default();
-        let resource = serde_json::to_string(&pairs_to_map(&self.resource)).unwrap_or_default();
-        let base =
-            |seq: u32, kind: &str, name: String, time_ns: i64, value: Option<f64>, text: String, payload: String| {
-                BusinessEvent {
-                    event_id: event_id(self.id, seq),
-                    signal_id: format!("{:032x}", self.id),
-                    process: self.process.clone(),
-                    run_id: run_id.to_string(),
-                    time_ns,
-                    kind: kind.to_string(),
-                    name,
-                    value,
-                    text,
-                    payload,
-                    service: self.service.clone(),
-                    trace_id: self.trace_id.clone(),
-                    span_id: self.span_id.clone(),
-                    attributes: attributes.clone(),
-                    resource: resource.clone(),
-                }
-            };
-        let duration =
-            if self.kind == SignalKind::Span { Some((self.time_ns - self.start_ns).max(0) as f64 / 1e9) } else { None };
-        out.push(base(
-            0,
-            self.kind.as_str(),
-            self.name.clone(),
-            self.start_ns,
-            duration,
-            self.text.clone(),
-            String::new(),
-        ));
-        for (i, fact) in self.facts.iter().enumerate() {
-            let seq = i as u32 + 1;
-            let t = self.time_ns;
-            let ev = match fact {
-                Fact::Records { outcome, count } => {
-                    base(seq, "records", outcome.clone(), t, Some(*count), String::new(), String::new())
-                }
-                Fact::ProgressDone(v) => {
-                    base(seq, "progress", "done".into(), t, Some(*v), String::new(), String::new())
-                }
-                Fact::ProgressTotal(v) => {
-                    base(seq, "progress", "total".into(), t, Some(*v), String::new(), String::new())
-                }
-                Fact::Milestone(m) => base(seq, "milestone", m.clone(), t, None, String::new(), String::new()),
-                Fact::Note(n) => base(seq, "note", String::new(), t, None, n.clone(), String::new()),
-                Fact::Payload(p) => base(seq, "payload", String::new(), t, None, String::new(), p.clone()),
-                Fact::Value { name, value } => {
-                    base(seq, "value", name.clone(), t, Some(*value), String::new(), String::new())
-                }
-                Fact::Status { status, error } => base(
-                    seq,
-                    "status",
-                    status.as_str().into(),
-                    t,
-                    None,
-                    error.clone().unwrap_or_default(),
-                    String::new(),
-                ),
-            };
-            out.push(ev);
-        }
-        out
+        crate::storage::record::SignalRecord::from_signal(self, run_id).expand().collect()
     }
 }
 
-fn pairs_to_map(pairs: &[(String, String)]) -> std::collections::BTreeMap<&str, &str> {
+pub(crate) fn pairs_to_map(pairs: &[(String, String)]) -> std::collections::BTreeMap<&str, &str> {
     pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 

@@ -36,9 +36,9 @@ fn batch(run: &mut ProcessRun, signals: &[Signal]) -> WriteBatch {
     let mut b = WriteBatch::default();
     for s in signals {
         run.apply(s, bizsignal::now_ns());
-        b.events.extend(s.to_events(&run.run_id));
+        b.push_events(&s.to_events(&run.run_id));
     }
-    b.runs.push(run.clone());
+    b.runs.push(std::sync::Arc::new(run.clone()));
     b
 }
 
@@ -137,7 +137,7 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
     let spool_dir = dir.path().join("clickhouse-spool");
     {
         let spool = bizsignal::storage::spool::Spool::open(&spool_dir, 1 << 30).unwrap();
-        let rec = serde_json::json!({"written_ns": t, "events": b.events, "runs": b.runs, "merges": [], "aliases": [], "process_violations": []});
+        let rec = serde_json::json!({"written_ns": t, "events": b.events().collect::<Vec<_>>(), "runs": b.runs, "merges": [], "aliases": [], "process_violations": []});
         spool.append(&serde_json::to_vec(&rec).unwrap()).unwrap();
     }
     let copy = tempfile::tempdir().unwrap();
@@ -172,8 +172,10 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
         .with_url(ch.url.clone())
         .with_database(db.clone())
         .with_compression(clickhouse::Compression::Lz4);
-    let rows: Vec<ch::schema::EventRow> =
-        batch(&mut run, &[signal(5, "r1", t + 2, 7.0)]).events.iter().map(ch::schema::EventRow::from_event).collect();
+    let rows: Vec<ch::schema::EventRow> = batch(&mut run, &[signal(5, "r1", t + 2, 7.0)])
+        .events()
+        .map(|e| ch::schema::EventRow::from_event(&e))
+        .collect();
     for _ in 0..2 {
         rt.block_on(async {
             let mut ins = client
@@ -203,10 +205,10 @@ fn two_instances_writing_one_run_converge() {
     let key = RunKey { process: "import".into(), run_id: "shared".into() };
     // Each instance sees part of the run's signals.
     let (mut ra, mut rb) = (ProcessRun::new(&key, t), ProcessRun::new(&key, t));
-    a.write(&batch(&mut ra, &[signal(11, "shared", t, 10.0), signal(13, "shared", t + 10, 1.0)])).unwrap();
+    a.write(batch(&mut ra, &[signal(11, "shared", t, 10.0), signal(13, "shared", t + 10, 1.0)])).unwrap();
     let mut end = signal(15, "shared", t + 20, 4.0);
     end.facts.push(Fact::Status { status: bizsignal::signal::LifecycleStatus::Succeeded, error: None });
-    b.write(&batch(&mut rb, &[end])).unwrap();
+    b.write(batch(&mut rb, &[end])).unwrap();
     a.flush(Duration::from_secs(30)).unwrap();
     b.flush(Duration::from_secs(30)).unwrap();
     let rows = tsv(&rt, &ch, &db, "SELECT run_id, sumMap(counts), sum(signal_count), tupleElement(max(terminal), 4) FROM {db}.process_runs GROUP BY process, run_id");
@@ -292,7 +294,7 @@ fn docs_example_queries_run() {
     skipped.facts.push(Fact::Records { outcome: "skipped".into(), count: 2.0 });
     skipped.facts.push(Fact::ProgressDone(5.0));
     skipped.facts.push(Fact::ProgressTotal(10.0));
-    store.write(&batch(&mut run, &[skipped])).unwrap();
+    store.write(batch(&mut run, &[skipped])).unwrap();
     store.flush(Duration::from_secs(30)).unwrap();
     let doc =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/storage.md")).unwrap();

@@ -44,9 +44,9 @@ fn fold(run: &mut ProcessRun, signals: &[Signal]) -> WriteBatch {
     let mut b = WriteBatch::default();
     for s in signals {
         run.apply(s, T0());
-        b.events.extend(s.to_events(&run.run_id));
+        b.push_events(&s.to_events(&run.run_id));
     }
-    b.runs.push(run.clone());
+    b.runs.push(std::sync::Arc::new(run.clone()));
     b
 }
 
@@ -55,7 +55,7 @@ fn key(p: &str, r: &str) -> RunKey {
 }
 
 fn write(store: &dyn Store, b: &WriteBatch) {
-    store.write(b).unwrap();
+    store.write(b.clone()).unwrap();
     store.flush(Duration::from_secs(30)).unwrap();
 }
 
@@ -226,7 +226,8 @@ pub fn suite(store: &dyn Store) {
     );
     named.apply(&s2, T0());
     named.merge(&traced);
-    let mut mb = WriteBatch { events: s2.to_events("order-9"), runs: vec![named.clone()], ..Default::default() };
+    let mut mb = WriteBatch { runs: vec![std::sync::Arc::new(named.clone())], ..Default::default() };
+    mb.push_events(&s2.to_events("order-9"));
     mb.merges.push((tk.clone(), "order-9".into()));
     mb.aliases.push(("orders".into(), "trace-m".into(), "order-9".into()));
     write(store, &mb);

@@ -11,6 +11,7 @@ use super::seen::SeenIds;
 use crate::config::{PipelineConfig, ProcessExpectations};
 use crate::metrics::SelfMetrics;
 use crate::signal::{RunKey, Signal};
+use crate::storage::record::SignalRecord;
 use crate::storage::{StorageError, Store, WriteBatch};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -347,7 +348,7 @@ impl Tracker {
             }
             outcomes.push(o);
         }
-        // (key, ids folded in, committed ids from elsewhere) of each run in `work.batch.runs`, same order.
+        // (key, ids folded in, committed ids from elsewhere, new state) of each run the commit changed.
         let mut order = Vec::with_capacity(work.dirty.len());
         if result.is_ok() {
             for (key, d) in work.dirty.iter_mut() {
@@ -356,14 +357,16 @@ impl Tracker {
                     check_counts(&mut d.run, exp, now);
                 }
             }
-            // The drafts move into the batch and back out after the write: no copies.
+            // The drafts become the shared new states: the batch and the
+            // tracker hold the same `Arc`s, nothing is copied.
             work.batch.runs.reserve_exact(work.dirty.len());
             for (key, d) in work.dirty.drain() {
-                work.batch.runs.push(d.run);
-                order.push((key, d.new_ids, d.extra));
+                let after = Arc::new(d.run);
+                work.batch.runs.push(after.clone());
+                order.push((key, d.new_ids, d.extra, after));
             }
             let started = Instant::now();
-            result = self.store.write(&work.batch);
+            result = self.store.write(std::mem::take(&mut work.batch));
             self.metrics.storage_write(started.elapsed().as_secs_f64());
         }
         match result {
@@ -379,13 +382,12 @@ impl Tracker {
                     }
                 }
                 self.aliases.extend(work.aliases);
-                for ((key, new_ids, extra), run) in order.into_iter().zip(work.batch.runs.drain(..)) {
-                    if run.status == RunStatus::Succeeded {
-                        let end = run.ended_at_ns().unwrap_or(now);
+                for (key, new_ids, extra, after) in order {
+                    if after.status == RunStatus::Succeeded {
+                        let end = after.ended_at_ns().unwrap_or(now);
                         let cur = self.last_success.entry(key.process.clone()).or_insert(end);
                         *cur = (*cur).max(end);
                     }
-                    let after = Arc::new(run);
                     let before = match self.runs.get_mut(&key) {
                         Some(e) => {
                             e.seen.absorb(extra);
@@ -434,7 +436,7 @@ impl Tracker {
         }
         draft.add(s.id);
         draft.run.apply(s, now);
-        work.batch.events.extend(s.to_events(&key.run_id));
+        work.batch.signals.push(SignalRecord::from_signal(s, &key.run_id));
         Ok(Some(key.run_id))
     }
 
@@ -464,7 +466,7 @@ impl Tracker {
                     }
                     // Events of the trace-keyed run queued in this very commit move too.
                     for e in
-                        work.batch.events.iter_mut().filter(|e| e.process == tkey.process && e.run_id == tkey.run_id)
+                        work.batch.signals.iter_mut().filter(|e| e.process == tkey.process && e.run_id == tkey.run_id)
                     {
                         e.run_id = run_id.clone();
                     }
@@ -561,10 +563,11 @@ impl Tracker {
                 ),
                 at_ns: now,
             });
+            let after = Arc::new(after);
             batch.runs.push(after.clone());
-            changes.push(RunChange { key, before: Some(before), after: Arc::new(after) });
+            changes.push(RunChange { key, before: Some(before), after });
         }
-        if let Err(e) = self.store.write(&batch) {
+        if let Err(e) = self.store.write(batch) {
             SelfMetrics::add(&self.metrics.storage_failures, 1);
             tracing::warn!(error = %e, "storage write of evicted runs failed; will retry next tick");
             return;
@@ -636,17 +639,19 @@ impl Tracker {
                 ));
             }
         }
-        batch.runs = changed;
+        let changed: Vec<Arc<ProcessRun>> = changed.into_iter().map(Arc::new).collect();
+        let process_violations = batch.process_violations.clone();
+        batch.runs = changed.clone();
         if !batch.is_empty() {
             let started = Instant::now();
-            let written = self.store.write(&batch);
+            let written = self.store.write(batch);
             self.metrics.storage_write(started.elapsed().as_secs_f64());
             if let Err(e) = written {
                 SelfMetrics::add(&self.metrics.storage_failures, 1);
                 tracing::warn!(error = %e, "storage write of expectation checks failed; will retry next tick");
                 return;
             }
-            for v in &batch.process_violations {
+            for v in &process_violations {
                 tracing::info!(process = %v.0, rule = %v.1.rule, "process expectation violated");
             }
         }
@@ -655,19 +660,17 @@ impl Tracker {
                 *next = rule.next_after(now);
             }
         }
-        let changed = std::mem::take(&mut batch.runs);
         let mut changes = Vec::with_capacity(changed.len());
-        for c in changed {
-            let key = c.key();
+        for after in changed {
+            let key = after.key();
             if let Some(e) = self.runs.get_mut(&key) {
-                let after = Arc::new(c);
                 let before = std::mem::replace(&mut e.run, after.clone());
                 changes.push(RunChange { key, before: Some(before), after });
             }
         }
-        if !changes.is_empty() || !batch.process_violations.is_empty() {
+        if !changes.is_empty() || !process_violations.is_empty() {
             for o in &self.observers {
-                o.committed(&[], &changes, &batch.process_violations);
+                o.committed(&[], &changes, &process_violations);
             }
         }
         for c in changes {
@@ -707,13 +710,13 @@ mod tests {
     }
 
     impl Store for MemStore {
-        fn write(&self, b: &WriteBatch) -> Result<(), StorageError> {
+        fn write(&self, b: WriteBatch) -> Result<(), StorageError> {
             if self.fail.load(Ordering::SeqCst) {
                 return Err(StorageError::Unavailable("disk on fire".into()));
             }
             let mut ids = self.ids.lock().unwrap();
             let mut runs = self.runs.lock().unwrap();
-            for e in &b.events {
+            for e in &b.signals {
                 let key = RunKey { process: e.process.clone(), run_id: e.run_id.clone() };
                 ids.entry(key).or_default().push(u128::from_str_radix(&e.signal_id, 16).unwrap());
             }
@@ -723,7 +726,7 @@ mod tests {
                 runs.remove(from);
             }
             for r in &b.runs {
-                runs.insert(r.key(), r.clone());
+                runs.insert(r.key(), (**r).clone());
             }
             for (p, t, r) in &b.aliases {
                 self.aliases.lock().unwrap().entry((p.clone(), t.clone())).or_insert_with(|| r.clone());

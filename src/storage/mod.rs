@@ -10,6 +10,8 @@ pub mod sqlite;
 
 use crate::runs::run::{ProcessRun, Violation};
 use crate::signal::{BusinessEvent, RunKey};
+use record::SignalRecord;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -21,12 +23,15 @@ pub enum StorageError {
     Corrupt(String),
 }
 
-/// Everything one tracker commit changes, written atomically.
+/// Everything one tracker commit changes, written atomically. Handed to the
+/// store by value: the signals move into the journal's pending set without a
+/// copy, and the run states are shared with the tracker (`Arc`).
 #[derive(Debug, Default, Clone)]
 pub struct WriteBatch {
-    pub events: Vec<BusinessEvent>,
+    /// The new signals, each with its rows (see [`record`]).
+    pub signals: Vec<SignalRecord>,
     /// Runs to insert or replace (full state).
-    pub runs: Vec<ProcessRun>,
+    pub runs: Vec<Arc<ProcessRun>>,
     /// Trace-keyed runs merged into a run with an explicit id: their events
     /// move to `to_run_id` and the old run row disappears.
     pub merges: Vec<(RunKey, String)>,
@@ -36,8 +41,18 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
+    /// The signals' rows as events, in order (the ClickHouse row form).
+    pub fn events(&self) -> impl Iterator<Item = BusinessEvent> + '_ {
+        self.signals.iter().flat_map(|s| s.expand())
+    }
+
+    /// Adds events as signal records (tests and tools that build rows by hand).
+    pub fn push_events(&mut self, events: &[BusinessEvent]) {
+        self.signals.extend(record::group(events));
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.signals.is_empty()
             && self.runs.is_empty()
             && self.merges.is_empty()
             && self.aliases.is_empty()
@@ -97,7 +112,7 @@ impl RunCursor {
 pub trait Store: Send + Sync + 'static {
     /// Applies a batch atomically and durably: when this returns `Ok`, the
     /// batch survives a crash.
-    fn write(&self, batch: &WriteBatch) -> Result<(), StorageError>;
+    fn write(&self, batch: WriteBatch) -> Result<(), StorageError>;
     /// Runs that have not ended (the tracker keeps them in memory).
     fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError>;
     fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError>;
@@ -123,7 +138,7 @@ pub trait Store: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct NullStore;
 impl Store for NullStore {
-    fn write(&self, _: &WriteBatch) -> Result<(), StorageError> {
+    fn write(&self, _: WriteBatch) -> Result<(), StorageError> {
         Ok(())
     }
     fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError> {

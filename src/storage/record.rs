@@ -8,7 +8,7 @@
 //! typical signal (a span with four facts) is about a fifth of the bytes to
 //! journal, encode and index.
 
-use crate::signal::BusinessEvent;
+use crate::signal::{BusinessEvent, Fact, Signal, SignalKind};
 use serde::{Deserialize, Serialize};
 
 /// One row of a signal: `[event_id, kind, name, time_ns, value, text, payload]`.
@@ -29,6 +29,49 @@ pub struct SignalRecord {
 }
 
 impl SignalRecord {
+    /// A signal's storage form under `run_id`: the row of the signal itself
+    /// (kind `span`/`log`/`event`, at its start, value = duration in seconds
+    /// for spans), then one row per fact.
+    pub fn from_signal(s: &Signal, run_id: &str) -> SignalRecord {
+        let mut rows = Vec::with_capacity(s.facts.len() + 1);
+        let row =
+            |seq: u32, kind: &str, name: String, time_ns: i64, value: Option<f64>, text: String, payload: String| {
+                Row(crate::signal::event_id(s.id, seq), kind.to_string(), name, time_ns, value, text, payload)
+            };
+        let duration = (s.kind == SignalKind::Span).then(|| (s.time_ns - s.start_ns).max(0) as f64 / 1e9);
+        rows.push(row(0, s.kind.as_str(), s.name.clone(), s.start_ns, duration, s.text.clone(), String::new()));
+        let t = s.time_ns;
+        for (i, fact) in s.facts.iter().enumerate() {
+            let seq = i as u32 + 1;
+            let none = String::new;
+            rows.push(match fact {
+                Fact::Records { outcome, count } => {
+                    row(seq, "records", outcome.clone(), t, Some(*count), none(), none())
+                }
+                Fact::ProgressDone(v) => row(seq, "progress", "done".into(), t, Some(*v), none(), none()),
+                Fact::ProgressTotal(v) => row(seq, "progress", "total".into(), t, Some(*v), none(), none()),
+                Fact::Milestone(m) => row(seq, "milestone", m.clone(), t, None, none(), none()),
+                Fact::Note(n) => row(seq, "note", none(), t, None, n.clone(), none()),
+                Fact::Payload(p) => row(seq, "payload", none(), t, None, none(), p.clone()),
+                Fact::Value { name, value } => row(seq, "value", name.clone(), t, Some(*value), none(), none()),
+                Fact::Status { status, error } => {
+                    row(seq, "status", status.as_str().into(), t, None, error.clone().unwrap_or_default(), none())
+                }
+            });
+        }
+        SignalRecord {
+            signal_id: format!("{:032x}", s.id),
+            process: s.process.clone(),
+            run_id: run_id.to_string(),
+            service: s.service.clone(),
+            trace_id: s.trace_id.clone(),
+            span_id: s.span_id.clone(),
+            attributes: json_object(&s.attributes),
+            resource: json_object(&s.resource),
+            rows,
+        }
+    }
+
     fn shares(&self, e: &BusinessEvent) -> bool {
         self.signal_id == e.signal_id
             && self.run_id == e.run_id
@@ -64,6 +107,11 @@ impl SignalRecord {
             resource: self.resource.clone(),
         })
     }
+}
+
+/// A JSON object of string pairs, keys sorted (the stored attribute form).
+fn json_object(pairs: &[(String, String)]) -> String {
+    serde_json::to_string(&crate::signal::pairs_to_map(pairs)).unwrap_or_default()
 }
 
 /// Groups consecutive events of the same signal (as `Signal::to_events`

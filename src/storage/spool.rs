@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const HEADER: usize = 4 + 8 + 8 + 8;
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -40,17 +40,17 @@ pub enum SpoolError {
     Corrupt(u64),
 }
 
-/// One spool record: a tracker commit. Events are written grouped by signal
-/// (`signals`, see [`super::record`]); `decode` expands them into `events`.
-/// Records with a plain `events` list (older spools) decode the same way.
+/// One spool record: a tracker commit, its events grouped by signal
+/// (`signals`, see [`super::record`]). Records with a plain `events` list
+/// (older spools) decode into the same grouped form.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SpoolBatch {
     pub written_ns: i64,
-    #[serde(default)]
-    pub events: Vec<BusinessEvent>,
     #[serde(default, skip_serializing)]
-    signals: Vec<SignalRecord>,
-    pub runs: Vec<ProcessRun>,
+    events: Vec<BusinessEvent>,
+    #[serde(default)]
+    pub signals: Vec<SignalRecord>,
+    pub runs: Vec<Arc<ProcessRun>>,
     pub merges: Vec<(RunKey, String)>,
     pub aliases: Vec<(String, String, String)>,
     pub process_violations: Vec<(String, Violation)>,
@@ -59,8 +59,8 @@ pub struct SpoolBatch {
 #[derive(Serialize)]
 struct SpoolBatchRef<'a> {
     written_ns: i64,
-    signals: Vec<SignalRecord>,
-    runs: &'a [ProcessRun],
+    signals: &'a [SignalRecord],
+    runs: &'a [Arc<ProcessRun>],
     merges: &'a [(RunKey, String)],
     aliases: &'a [(String, String, String)],
     process_violations: &'a [(String, Violation)],
@@ -69,28 +69,49 @@ struct SpoolBatchRef<'a> {
 impl SpoolBatch {
     /// The record payload for a batch (JSON; see docs/storage.md).
     pub fn encode(b: &WriteBatch) -> Vec<u8> {
+        let mut buf = Vec::new();
+        Self::encode_into(b, &mut buf);
+        buf
+    }
+
+    /// Like [`encode`](Self::encode), into a reused buffer (the journal
+    /// writes one record per tracker commit; a fresh buffer per commit was
+    /// a large allocation and its page faults every time).
+    pub fn encode_into(b: &WriteBatch, buf: &mut Vec<u8>) {
+        buf.clear();
         let rec = SpoolBatchRef {
             written_ns: crate::now_ns(),
-            signals: super::record::group(&b.events),
+            signals: &b.signals,
             runs: &b.runs,
             merges: &b.merges,
             aliases: &b.aliases,
             process_violations: &b.process_violations,
         };
-        serde_json::to_vec(&rec).expect("a write batch serializes")
+        serde_json::to_writer(&mut *buf, &rec).expect("a write batch serializes");
     }
 
     pub fn decode(payload: &[u8]) -> Result<SpoolBatch, serde_json::Error> {
         let mut b: SpoolBatch = serde_json::from_slice(payload)?;
-        for s in std::mem::take(&mut b.signals) {
-            b.events.extend(s.expand());
+        if !b.events.is_empty() {
+            let old = std::mem::take(&mut b.events);
+            b.signals.extend(super::record::group(&old));
         }
         Ok(b)
     }
 
+    /// The rows of the record's signals as events, in order.
+    pub fn events(&self) -> impl Iterator<Item = BusinessEvent> + '_ {
+        self.signals.iter().flat_map(|s| s.expand())
+    }
+
+    /// How many event rows the record holds.
+    pub fn event_count(&self) -> usize {
+        self.signals.iter().map(|s| s.rows.len()).sum()
+    }
+
     pub fn into_write_batch(self) -> WriteBatch {
         WriteBatch {
-            events: self.events,
+            signals: self.signals,
             runs: self.runs,
             merges: self.merges,
             aliases: self.aliases,
@@ -264,15 +285,16 @@ impl Spool {
             inner.current = Some((seq, f, 0));
         }
         let (segment, file, len) = inner.current.as_mut().expect("opened above");
-        let mut buf = Vec::with_capacity(size as usize);
-        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&seq.to_le_bytes());
-        buf.extend_from_slice(&at_ns.to_le_bytes());
-        buf.extend_from_slice(&checksum(seq, at_ns, payload).to_le_bytes());
-        buf.extend_from_slice(payload);
+        let mut header = [0u8; HEADER];
+        header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        header[4..12].copy_from_slice(&seq.to_le_bytes());
+        header[12..20].copy_from_slice(&at_ns.to_le_bytes());
+        header[20..].copy_from_slice(&checksum(seq, at_ns, payload).to_le_bytes());
         let path = seg_path(&self.dir, *segment);
         let offset = *len;
-        let res = file.write_all(&buf).and_then(|_| file.sync_data());
+        // Header and payload as two writes (no copy of the payload); a tear
+        // between them is a torn record like any other, cut off on start-up.
+        let res = file.write_all(&header).and_then(|_| file.write_all(payload)).and_then(|_| file.sync_data());
         if let Err(e) = res {
             // Cut back to the last whole record and start a fresh segment next time.
             let _ = file.set_len(offset);

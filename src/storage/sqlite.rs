@@ -15,6 +15,7 @@
 //! Reads see every acknowledged write: a read first applies what is pending
 //! (only when it concerns the read, for the tracker's per-run lookups).
 
+use super::record::SignalRecord;
 use super::spool::{Spool, SpoolBatch};
 use super::{ProcessSummary, RunCursor, RunQuery, StorageError, Store, WriteBatch};
 use crate::config::SqliteConfig;
@@ -35,8 +36,8 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "signals", include_str!("sqlite/0003_signals.sql")),
 ];
 
-/// Apply early when this many events are pending, whatever the interval.
-const FLUSH_EVENTS: usize = 50_000;
+/// Apply early when this many signals are pending, whatever the interval.
+const FLUSH_SIGNALS: usize = 10_000;
 
 pub struct SqliteStore {
     shared: Arc<Shared>,
@@ -48,7 +49,9 @@ struct Shared {
     reader: Mutex<Connection>,
     journal: Spool,
     pending: Mutex<Pending>,
-    /// Signalled when pending grows past [`FLUSH_EVENTS`] or at shutdown.
+    /// The journal record being encoded, reused across writes.
+    encode_buf: Mutex<Vec<u8>>,
+    /// Signalled when pending grows past [`FLUSH_SIGNALS`] or at shutdown.
     wake: Condvar,
     /// Held for a whole flush, so batches reach SQLite in journal order.
     flushing: Mutex<()>,
@@ -57,7 +60,7 @@ struct Shared {
     metrics: Option<Arc<SelfMetrics>>,
 }
 
-/// Acknowledged batches not yet in SQLite, folded into one batch: events in
+/// Acknowledged batches not yet in SQLite, folded into one batch: signals in
 /// order, the newest state of each run, merges, aliases, violations.
 #[derive(Default)]
 struct Pending {
@@ -96,7 +99,7 @@ impl Pending {
                 }
             }
         }
-        self.batch.events.extend(b.events);
+        self.batch.signals.extend(b.signals);
         for a in b.aliases {
             self.aliases.entry((a.0.clone(), a.1.clone())).or_insert_with(|| a.2.clone());
             self.batch.aliases.push(a);
@@ -123,8 +126,8 @@ impl Pending {
         keys
     }
 
-    fn events_of<'a>(&'a self, keys: &'a [RunKey]) -> impl Iterator<Item = &'a BusinessEvent> + 'a {
-        self.batch.events.iter().filter(move |e| keys.iter().any(|k| k.process == e.process && k.run_id == e.run_id))
+    fn signals_of<'a>(&'a self, keys: &'a [RunKey]) -> impl Iterator<Item = &'a SignalRecord> + 'a {
+        self.batch.signals.iter().filter(move |e| keys.iter().any(|k| k.process == e.process && k.run_id == e.run_id))
     }
 }
 
@@ -203,7 +206,7 @@ impl SqliteStore {
                 }
             }
         }
-        let replay = pending.batch.events.len();
+        let replay = pending.batch.signals.len();
         if let Some(m) = &metrics {
             SelfMetrics::add(&m.journal_discarded_bytes, journal.discarded_bytes() + undecodable);
         }
@@ -212,6 +215,7 @@ impl SqliteStore {
             reader: Mutex::new(reader),
             journal,
             pending: Mutex::new(pending),
+            encode_buf: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             flushing: Mutex::new(()),
             stop: AtomicBool::new(false),
@@ -222,14 +226,14 @@ impl SqliteStore {
             let started = std::time::Instant::now();
             match shared.flush() {
                 Ok(()) => tracing::info!(
-                    events = replay,
+                    signals = replay,
                     seconds = started.elapsed().as_secs_f64(),
                     "applied journal records left by the previous run"
                 ),
                 // Start anyway (no crash loop while the disk is full): reads
                 // answer from SQLite plus the journal, the flusher retries.
                 Err(e) => tracing::warn!(
-                    events = replay,
+                    signals = replay,
                     error = %e,
                     "cannot apply the journal to SQLite yet; serving from the journal and retrying"
                 ),
@@ -368,7 +372,7 @@ impl Shared {
         loop {
             {
                 let p = lock(&self.pending);
-                if !self.stop.load(Ordering::Acquire) && p.batch.events.len() < FLUSH_EVENTS {
+                if !self.stop.load(Ordering::Acquire) && p.batch.signals.len() < FLUSH_SIGNALS {
                     let _ = self.wake.wait_timeout(p, self.commit_interval);
                 }
             }
@@ -485,7 +489,7 @@ fn apply(tx: &Transaction, b: &WriteBatch) -> Result<(), StorageError> {
             "INSERT OR IGNORE INTO business_signals (signal_id, process, run_id, time_ns, service, trace_id, span_id, attributes, resource, rows)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
-        for r in super::record::group(&b.events) {
+        for r in &b.signals {
             let rows = serde_json::to_string(&r.rows).map_err(corrupt)?;
             ins.execute(params![
                 r.signal_id,
@@ -543,15 +547,19 @@ fn apply(tx: &Transaction, b: &WriteBatch) -> Result<(), StorageError> {
 }
 
 impl Store for SqliteStore {
-    fn write(&self, b: &WriteBatch) -> Result<(), StorageError> {
+    fn write(&self, b: WriteBatch) -> Result<(), StorageError> {
         if b.is_empty() {
             return Ok(());
         }
         let sh = &self.shared;
-        let seq = sh.journal.append(&SpoolBatch::encode(b)).map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        let seq = {
+            let mut buf = lock(&sh.encode_buf);
+            SpoolBatch::encode_into(&b, &mut buf);
+            sh.journal.append(&buf).map_err(|e| StorageError::Unavailable(e.to_string()))?
+        };
         let mut p = lock(&sh.pending);
-        p.absorb(seq, b.clone());
-        if p.batch.events.len() >= FLUSH_EVENTS {
+        p.absorb(seq, b);
+        if p.batch.signals.len() >= FLUSH_SIGNALS {
             sh.wake.notify_one();
         }
         drop(p);
@@ -568,14 +576,14 @@ impl Store for SqliteStore {
         let mut runs = self.committed_open_runs()?;
         if let Some(p) = pending {
             runs.retain(|r| !p.touches(&r.key()));
-            runs.extend(p.batch.runs.iter().filter(|r| !r.status.is_terminal()).cloned());
+            runs.extend(p.batch.runs.iter().filter(|r| !r.status.is_terminal()).map(|r| (**r).clone()));
         }
         Ok(runs)
     }
 
     fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
         if let Some(p) = self.flush_or_pending(|p| p.touches(key)) {
-            return Ok(p.run_index.get(key).map(|&i| p.batch.runs[i].clone()));
+            return Ok(p.run_index.get(key).map(|&i| (*p.batch.runs[i]).clone()));
         }
         self.committed_run(key)
     }
@@ -584,7 +592,7 @@ impl Store for SqliteStore {
         let Some(p) = self.flush_or_pending(|p| p.touches(key)) else { return self.committed_signal_ids(key) };
         let related = p.related(key);
         let mut ids: HashSet<u128> = HashSet::new();
-        for e in p.events_of(&related) {
+        for e in p.signals_of(&related) {
             ids.insert(parse_signal_id(&e.signal_id)?);
         }
         drop(p);
@@ -707,7 +715,7 @@ impl Store for SqliteStore {
     fn run_events(&self, key: &RunKey, limit: usize) -> Result<Vec<BusinessEvent>, StorageError> {
         let Some(p) = self.flush_or_pending(|p| p.touches(key)) else { return self.committed_events(key, limit) };
         let related = p.related(key);
-        let mut out: Vec<BusinessEvent> = p.events_of(&related).cloned().collect();
+        let mut out: Vec<BusinessEvent> = p.signals_of(&related).flat_map(|s| s.expand()).collect();
         drop(p);
         for k in &related {
             out.extend(self.committed_events(k, limit)?);
@@ -755,7 +763,9 @@ mod tests {
             attributes: "{}".into(),
             resource: "{}".into(),
         };
-        WriteBatch { events: vec![event], runs: vec![run], ..Default::default() }
+        let mut b = WriteBatch { runs: vec![Arc::new(run)], ..Default::default() };
+        b.push_events(&[event]);
+        b
     }
 
     fn slow() -> SqliteConfig {
@@ -778,7 +788,7 @@ mod tests {
         let db = dir.path().join("db.sqlite");
         let store = SqliteStore::open_with(&db, &slow(), None).unwrap();
         for n in 1..=3 {
-            store.write(&batch("r1", n)).unwrap();
+            store.write(batch("r1", n)).unwrap();
         }
         store.abandon();
         // Nothing reached SQLite: the journal is all there is.
@@ -808,7 +818,7 @@ mod tests {
         let v = Violation { rule: "deadline".into(), message: "late".into(), at_ns: 5 };
         let mut b = batch("r1", 1);
         b.process_violations.push(("import".into(), v));
-        store.write(&b).unwrap();
+        store.write(b).unwrap();
         // Keep the journal (segments and ledger) as it was before the commit trims it.
         let saved: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(journal_dir(&db))
             .unwrap()
@@ -825,7 +835,7 @@ mod tests {
         let procs = store.list_processes().unwrap();
         assert_eq!(procs[0].violations.len(), 1, "the violation was not applied twice");
         // New records get sequence numbers past the applied one.
-        store.write(&batch("r2", 2)).unwrap();
+        store.write(batch("r2", 2)).unwrap();
         store.abandon();
         let store = SqliteStore::open_with(&db, &slow(), None).unwrap();
         assert!(store.get_run(&RunKey { process: "import".into(), run_id: "r2".into() }).unwrap().is_some());
@@ -836,11 +846,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
         let store = SqliteStore::open_with(&db, &slow(), None).unwrap();
-        store.write(&batch("trace-1", 1)).unwrap();
+        store.write(batch("trace-1", 1)).unwrap();
         let to = RunKey { process: "import".into(), run_id: "named".into() };
         let mut b = batch("named", 2);
         b.merges.push((RunKey { process: "import".into(), run_id: "trace-1".into() }, to.run_id.clone()));
-        store.write(&b).unwrap();
+        store.write(b).unwrap();
         assert!(store.get_run(&RunKey { process: "import".into(), run_id: "trace-1".into() }).unwrap().is_none());
         assert_eq!(store.run_events(&to, 10).unwrap().len(), 2, "the trace-keyed run's events moved");
     }
@@ -856,7 +866,7 @@ mod tests {
                 c.execute_batch(sql).unwrap();
                 c.execute("INSERT INTO schema_migrations VALUES (?1, ?2, 0)", params![v, name]).unwrap();
             }
-            let mut b = batch("r1", 7).events;
+            let mut b: Vec<BusinessEvent> = batch("r1", 7).events().collect();
             let mut fact = b[0].clone();
             (fact.event_id, fact.kind, fact.name, fact.value, fact.time_ns) =
                 ("f1".into(), "records".into(), "imported".into(), Some(3.0), 9);
@@ -893,12 +903,20 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
         // A long span (starts at 1, its fact at 100) and short ones in between.
         let mut long = batch("r", 1);
-        let mut fact = long.events[0].clone();
+        let mut fact = long.events().next().unwrap();
         (fact.event_id, fact.kind, fact.time_ns) = ("long-fact".into(), "records".into(), 100);
-        long.events.push(fact);
-        store.write(&long).unwrap();
+        long.signals[0].rows.push(super::super::record::Row(
+            fact.event_id,
+            fact.kind,
+            fact.name,
+            fact.time_ns,
+            fact.value,
+            fact.text,
+            fact.payload,
+        ));
+        store.write(long).unwrap();
         for n in 2..=5 {
-            store.write(&batch("r", n)).unwrap();
+            store.write(batch("r", n)).unwrap();
         }
         let key = RunKey { process: "import".into(), run_id: "r".into() };
         let times: Vec<i64> = store.run_events(&key, 3).unwrap().iter().map(|e| e.time_ns).collect();
@@ -912,7 +930,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
         let store = SqliteStore::open_with(&db, &slow(), None).unwrap();
-        store.write(&batch("r1", 1)).unwrap();
+        store.write(batch("r1", 1)).unwrap();
         store.flush(Duration::from_secs(5)).unwrap();
         {
             // "Database or disk is full" for anything that needs a new page.
@@ -921,9 +939,9 @@ mod tests {
             w.pragma_update(None, "max_page_count", pages).unwrap();
         }
         let mut big = batch("r1", 2);
-        big.events[0].attributes = format!("{{\"blob\":\"{}\"}}", "x".repeat(64 << 10));
-        store.write(&big).unwrap();
-        store.write(&batch("r2", 3)).unwrap();
+        big.signals[0].attributes = format!("{{\"blob\":\"{}\"}}", "x".repeat(64 << 10));
+        store.write(big).unwrap();
+        store.write(batch("r2", 3)).unwrap();
         assert!(store.shared.flush().is_err(), "the database is full");
         let r1 = RunKey { process: "import".into(), run_id: "r1".into() };
         let r2 = RunKey { process: "import".into(), run_id: "r2".into() };

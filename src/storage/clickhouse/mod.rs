@@ -37,15 +37,15 @@ use tokio::sync::Notify;
 /// What spooled-but-unacknowledged records say, keyed with the record's seq.
 #[derive(Default)]
 struct Pending {
-    runs: HashMap<RunKey, (u64, ProcessRun)>,
+    runs: HashMap<RunKey, (u64, Arc<ProcessRun>)>,
     deleted: HashMap<RunKey, u64>,
     aliases: HashMap<(String, String), (u64, String)>,
     signals: HashMap<RunKey, (u64, HashSet<u128>)>,
 }
 
 impl Pending {
-    fn apply(&mut self, seq: u64, b: &SpoolBatch) {
-        for e in &b.events {
+    fn apply(&mut self, seq: u64, b: &WriteBatch) {
+        for e in &b.signals {
             let key = RunKey { process: e.process.clone(), run_id: e.run_id.clone() };
             let slot = self.signals.entry(key).or_default();
             slot.0 = seq;
@@ -275,7 +275,7 @@ impl ClickHouseStore {
             spool.read(ledger.acked, usize::MAX).map_err(|e| StorageError::Corrupt(e.to_string()))?
         {
             if let Ok(b) = SpoolBatch::decode(&payload) {
-                pending.apply(seq, &b);
+                pending.apply(seq, &b.into_write_batch());
             }
         }
         metrics.clickhouse.enabled.store(true, Ordering::Relaxed);
@@ -600,14 +600,13 @@ impl Drop for ClickHouseStore {
 }
 
 impl Store for ClickHouseStore {
-    fn write(&self, b: &WriteBatch) -> Result<(), StorageError> {
+    fn write(&self, b: WriteBatch) -> Result<(), StorageError> {
         if b.is_empty() {
             return Ok(());
         }
-        let payload = SpoolBatch::encode(b);
+        let payload = SpoolBatch::encode(&b);
         let seq = self.shared.spool.append(&payload).map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let batch = SpoolBatch::decode(&payload).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        self.pending().apply(seq, &batch);
+        self.pending().apply(seq, &b);
         self.shared.update_gauges();
         self.shared.appended.notify_one();
         Ok(())
@@ -642,7 +641,7 @@ impl Store for ClickHouseStore {
             by_key.remove(k);
         }
         for (k, (_, r)) in &p.runs {
-            by_key.insert(k.clone(), r.clone());
+            by_key.insert(k.clone(), (**r).clone());
         }
         Ok(by_key.into_values().filter(|r| !r.status.is_terminal()).collect())
     }
@@ -654,7 +653,7 @@ impl Store for ClickHouseStore {
                 return Ok(None);
             }
             if let Some((_, r)) = p.runs.get(key) {
-                return Ok(Some(r.clone()));
+                return Ok(Some((**r).clone()));
             }
         }
         let f = RunFilter {

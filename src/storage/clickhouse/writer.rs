@@ -131,7 +131,7 @@ fn finish(shared: &StoreShared, g: &Group) {
     if let Err(e) = shared.spool.ack(g.last) {
         tracing::error!(error = %e, "cannot record ClickHouse progress in the spool ledger");
     }
-    let rows: usize = g.batches.iter().map(|(_, b)| b.events.len()).sum();
+    let rows: usize = g.batches.iter().map(|(_, b)| b.event_count()).sum();
     shared.metrics.clickhouse.replayed_rows.fetch_add(rows as u64, Ordering::Relaxed);
     shared.forget_pending(g.last);
     *shared.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -172,7 +172,7 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
         let n = chunk.len();
         for (seq, _, payload) in chunk {
             let decoded = SpoolBatch::decode(&payload);
-            rows += decoded.as_ref().map(|b| b.events.len().max(1)).unwrap_or(1);
+            rows += decoded.as_ref().map(|b| b.event_count().max(1)).unwrap_or(1);
             last = seq;
             recs.push((seq, payload, decoded));
             if rows >= shared.cfg.batch_max_rows {
@@ -222,7 +222,8 @@ fn build_group(shared: &StoreShared, first: u64, last: u64, recs: Vec<Decoded>) 
 
 async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
     let token = |table: &str, part: usize| format!("{}:{}-{}:{table}:{part}", shared.spool_id, g.first, g.last);
-    let events: Vec<EventRow> = g.batches.iter().flat_map(|(_, b)| b.events.iter().map(EventRow::from_event)).collect();
+    let events: Vec<EventRow> =
+        g.batches.iter().flat_map(|(_, b)| b.events().map(|e| EventRow::from_event(&e))).collect();
     let events = without_stored(shared, events).await?;
     insert(shared, EVENTS, &events, &token(EVENTS, 0)).await?;
     if !events.is_empty() {
