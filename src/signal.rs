@@ -114,16 +114,12 @@ impl Signal {
     }
 }
 
-pub(crate) fn pairs_to_map(pairs: &[(String, String)]) -> std::collections::BTreeMap<&str, &str> {
-    pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}
-
 /// Deterministic event id: the signal identity plus the fact's position.
 pub fn event_id(signal_id: u128, seq: u32) -> String {
     let mut buf = [0u8; 20];
     buf[..16].copy_from_slice(&signal_id.to_le_bytes());
     buf[16..].copy_from_slice(&seq.to_le_bytes());
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&buf))
+    crate::storage::record::hex128(xxhash_rust::xxh3::xxh3_128(&buf))
 }
 
 /// The identity of a process run.

@@ -164,12 +164,14 @@ async fn large_requests_under_overload_stay_within_the_inflight_budget() {
     // Every acknowledged business signal is stored; nothing else is counted.
     for (run, t) in &per_run {
         let r = c.get(format!("http://{}/api/v1/runs/memory/{run}", p.http)).send().await.unwrap();
-        let stored = if r.status().as_u16() == 200 {
-            r.json::<serde_json::Value>().await.unwrap()["counts"]["ok"].as_u64().unwrap_or(0)
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        let stored = if status == 200 {
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["counts"]["ok"].as_u64().unwrap_or(0)
         } else {
             0
         };
-        assert_eq!(stored, t.acked * RECORDS as u64, "run {run}: {t:?}");
+        assert_eq!(stored, t.acked * RECORDS as u64, "run {run}: {t:?}; API answered {status}: {body:.300}");
     }
     let metrics = c.get(format!("http://{}/metrics", p.http)).send().await.unwrap().text().await.unwrap();
     let metric = |name: &str| -> u64 {

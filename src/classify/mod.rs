@@ -133,6 +133,11 @@ impl Classifier {
         Ok(Classifier { limits, rules: RuleSet::new(compiled) })
     }
 
+    /// Mapping rules configured: any record may be business.
+    pub fn has_rules(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
     pub fn classify_traces(&self, resource_spans: &[ResourceSpans], now_ns: i64) -> Classified {
         let mut out = Classified::default();
         for rs in resource_spans {
@@ -538,7 +543,8 @@ fn exception_message(span: &Span) -> Option<String> {
     })
 }
 
-fn has_business(resource: &[KeyValue]) -> bool {
+/// Whether a resource names the process (then all its records are candidates).
+pub(crate) fn has_business(resource: &[KeyValue]) -> bool {
     resource.iter().any(|kv| kv.key == PROCESS)
 }
 

@@ -4,6 +4,7 @@
 //! refused without being inflated).
 
 use super::admission::Reservation;
+use super::lazy::{Expanded, OtlpRequest};
 use super::Intake;
 use crate::runs::tracker::SubmitError;
 use axum::body::Bytes;
@@ -106,12 +107,12 @@ impl HttpReceiver {
     }
 
     /// Content type and encoding checks, inflation with a limit, decoding.
-    pub fn decode<T: Message + Default + DeserializeOwned>(
+    pub fn decode<T: OtlpRequest + DeserializeOwned>(
         &self,
         headers: &HeaderMap,
-        body: &[u8],
+        body: &Bytes,
         reservation: Option<&Reservation>,
-    ) -> Result<(T, Encoding), HttpError> {
+    ) -> Result<(Expanded<T>, Encoding), HttpError> {
         let metrics = &self.intake.metrics;
         let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
@@ -130,16 +131,15 @@ impl HttpReceiver {
                 ));
             }
         };
-        let inflated;
-        let data: &[u8] = match headers
+        let data: Bytes = match headers
             .get(header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
             .map(|s| s.trim().to_ascii_lowercase())
             .as_deref()
         {
-            None | Some("") | Some("identity") => body,
+            None | Some("") | Some("identity") => body.clone(),
             Some("gzip") => {
-                inflated = inflate_reserving(body, self.max_decompressed_bytes, reservation).map_err(|e| {
+                let inflated = inflate_reserving(body, self.max_decompressed_bytes, reservation).map_err(|e| {
                     if e.busy {
                         crate::metrics::SelfMetrics::add(&metrics.requests_refused_memory, 1);
                         let mut err = HttpError::new(StatusCode::TOO_MANY_REQUESTS, e.message, Some(encoding));
@@ -151,7 +151,7 @@ impl HttpReceiver {
                     crate::metrics::SelfMetrics::add(counter, 1);
                     HttpError::new(status, e.message, Some(encoding))
                 })?;
-                &inflated
+                Bytes::from(inflated)
             }
             Some(other) => {
                 crate::metrics::SelfMetrics::add(&metrics.requests_invalid, 1);
@@ -182,9 +182,11 @@ impl HttpReceiver {
         }
         let msg = match encoding {
             Encoding::Protobuf => {
-                T::decode(data).map_err(|e| format!("body is not a valid OTLP protobuf message: {e}"))
+                // Lazily: see super::lazy.
+                T::decode_lazy(data, self.intake.classifier.has_rules())
+                    .map_err(|e| format!("body is not a valid OTLP protobuf message: {e}"))
             }
-            Encoding::Json => decode_json::<T>(data),
+            Encoding::Json => decode_json::<T>(&data).map(T::whole),
         };
         msg.map(|m| (m, encoding)).map_err(|m| {
             crate::metrics::SelfMetrics::add(&metrics.requests_invalid, 1);
@@ -368,7 +370,8 @@ async fn traces(
     let body = body_or_error(body, &r, &headers)?;
     let (req, enc) = r.decode::<ExportTraceServiceRequest>(&headers, &body, reservation.as_deref().map(|r| &**r))?;
     drop(body);
-    let accepted = r.intake.traces(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
+    let accepted =
+        r.intake.expanded_traces(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
     let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess {
         rejected_spans: accepted.rejected,
         error_message: accepted.message.clone(),
@@ -385,7 +388,8 @@ async fn logs(
     let body = body_or_error(body, &r, &headers)?;
     let (req, enc) = r.decode::<ExportLogsServiceRequest>(&headers, &body, reservation.as_deref().map(|r| &**r))?;
     drop(body);
-    let accepted = r.intake.logs(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
+    let accepted =
+        r.intake.expanded_logs(req).await.map_err(|e| HttpError::from_submit(e, Some(enc), r.retry_after))?;
     let partial_success = (accepted.rejected > 0).then(|| ExportLogsPartialSuccess {
         rejected_log_records: accepted.rejected,
         error_message: accepted.message.clone(),

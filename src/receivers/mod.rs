@@ -6,10 +6,12 @@
 pub mod admission;
 pub mod grpc;
 pub mod http;
+pub mod lazy;
 
 use crate::classify::{Classified, Classifier};
 use crate::metrics::SelfMetrics;
 use crate::runs::tracker::{SubmitError, TrackerHandle};
+use lazy::OtlpRequest as _;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use std::sync::Arc;
@@ -71,19 +73,29 @@ impl ProcessRegistry {
 
 impl Intake {
     pub async fn traces(&self, req: ExportTraceServiceRequest) -> Result<Accepted, SubmitError> {
-        let n: usize = req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
-        SelfMetrics::add(&self.metrics.spans_received, n as u64);
-        let classified = self.classifier.classify_traces(&req.resource_spans, crate::now_ns());
+        self.expanded_traces(req.whole()).await
+    }
+
+    /// Traces decoded lazily (protobuf): `skipped` spans were dropped undecoded.
+    pub async fn expanded_traces(&self, e: lazy::Expanded<ExportTraceServiceRequest>) -> Result<Accepted, SubmitError> {
+        SelfMetrics::add(&self.metrics.spans_received, e.total as u64);
+        let mut classified = self.classifier.classify_traces(&e.request.resource_spans, crate::now_ns());
+        classified.discarded += e.skipped;
         // Only the signals wait for the commit; the decoded request goes now.
-        drop(req);
+        drop(e);
         self.submit(classified).await
     }
 
     pub async fn logs(&self, req: ExportLogsServiceRequest) -> Result<Accepted, SubmitError> {
-        let n: usize = req.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum();
-        SelfMetrics::add(&self.metrics.logs_received, n as u64);
-        let classified = self.classifier.classify_logs(&req.resource_logs, crate::now_ns());
-        drop(req);
+        self.expanded_logs(req.whole()).await
+    }
+
+    /// Logs decoded lazily (protobuf): `skipped` records were dropped undecoded.
+    pub async fn expanded_logs(&self, e: lazy::Expanded<ExportLogsServiceRequest>) -> Result<Accepted, SubmitError> {
+        SelfMetrics::add(&self.metrics.logs_received, e.total as u64);
+        let mut classified = self.classifier.classify_logs(&e.request.resource_logs, crate::now_ns());
+        classified.discarded += e.skipped;
+        drop(e);
         self.submit(classified).await
     }
 

@@ -11,7 +11,7 @@ use super::seen::SeenIds;
 use crate::config::{PipelineConfig, ProcessExpectations};
 use crate::metrics::SelfMetrics;
 use crate::signal::{RunKey, Signal};
-use crate::storage::record::SignalRecord;
+use crate::storage::record::{ResourceMemo, SignalRecord};
 use crate::storage::{StorageError, Store, WriteBatch};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -226,6 +226,7 @@ struct Work {
     loaded: HashMap<RunKey, Arc<ProcessRun>>,
     aliases: Aliases,
     batch: WriteBatch,
+    resource: ResourceMemo,
 }
 
 impl Tracker {
@@ -436,7 +437,7 @@ impl Tracker {
         }
         draft.add(s.id);
         draft.run.apply(s, now);
-        work.batch.signals.push(SignalRecord::from_signal(s, &key.run_id));
+        work.batch.signals.push(SignalRecord::from_signal_memo(s, &key.run_id, &mut work.resource));
         Ok(Some(key.run_id))
     }
 

@@ -33,6 +33,12 @@ impl SignalRecord {
     /// (kind `span`/`log`/`event`, at its start, value = duration in seconds
     /// for spans), then one row per fact.
     pub fn from_signal(s: &Signal, run_id: &str) -> SignalRecord {
+        Self::from_signal_memo(s, run_id, &mut ResourceMemo::default())
+    }
+
+    /// [`from_signal`](Self::from_signal) with the resource's JSON remembered
+    /// between calls: the signals of one export mostly share one resource.
+    pub fn from_signal_memo(s: &Signal, run_id: &str, memo: &mut ResourceMemo) -> SignalRecord {
         let mut rows = Vec::with_capacity(s.facts.len() + 1);
         let row =
             |seq: u32, kind: &str, name: String, time_ns: i64, value: Option<f64>, text: String, payload: String| {
@@ -60,14 +66,14 @@ impl SignalRecord {
             });
         }
         SignalRecord {
-            signal_id: format!("{:032x}", s.id),
+            signal_id: hex128(s.id),
             process: s.process.clone(),
             run_id: run_id.to_string(),
             service: s.service.clone(),
             trace_id: s.trace_id.clone(),
             span_id: s.span_id.clone(),
             attributes: json_object(&s.attributes),
-            resource: json_object(&s.resource),
+            resource: memo.json(&s.resource),
             rows,
         }
     }
@@ -109,9 +115,56 @@ impl SignalRecord {
     }
 }
 
-/// A JSON object of string pairs, keys sorted (the stored attribute form).
-fn json_object(pairs: &[(String, String)]) -> String {
-    serde_json::to_string(&crate::signal::pairs_to_map(pairs)).unwrap_or_default()
+/// The last resource seen and its JSON.
+#[derive(Default)]
+pub struct ResourceMemo(Vec<(String, String)>, String);
+
+impl ResourceMemo {
+    fn json(&mut self, pairs: &[(String, String)]) -> String {
+        if self.0 != pairs || self.1.is_empty() {
+            self.0 = pairs.to_vec();
+            self.1 = json_object(pairs);
+        }
+        self.1.clone()
+    }
+}
+
+/// A JSON object of string pairs, keys sorted, the last of a repeated key
+/// winning: byte for byte what serde_json makes of the pairs collected into a
+/// `BTreeMap`, without building the map (this ran for every stored signal).
+pub fn json_object(pairs: &[(String, String)]) -> String {
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    // Equal keys: the later pair first, so `dedup_by` keeps it.
+    order.sort_unstable_by(|&a, &b| pairs[a].0.cmp(&pairs[b].0).then(b.cmp(&a)));
+    order.dedup_by(|a, b| pairs[*a].0 == pairs[*b].0);
+    let mut out = String::with_capacity(2 + pairs.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>());
+    out.push('{');
+    for (n, &i) in order.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        json_str(&mut out, &pairs[i].0);
+        out.push(':');
+        json_str(&mut out, &pairs[i].1);
+    }
+    out.push('}');
+    out
+}
+
+fn json_str(out: &mut String, s: &str) {
+    // serde_json escapes exactly these; anything else is copied as is.
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    }
+}
+
+/// `{:032x}` without the formatting machinery (two per stored row).
+pub fn hex128(v: u128) -> String {
+    crate::classify::hex(&v.to_be_bytes())
 }
 
 /// Groups consecutive events of the same signal (as `Signal::to_events`
@@ -168,6 +221,24 @@ mod tests {
             span_id: "x".into(),
             attributes: attrs.into(),
             resource: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn json_object_matches_serde_json_of_a_btreemap() {
+        let cases: Vec<Vec<(&str, &str)>> = vec![
+            vec![],
+            vec![("b", "2"), ("a", "1")],
+            vec![("k", "first"), ("j", "x"), ("k", "last")],
+            vec![("quote\"d", "back\\slash"), ("ctl", "a\u{1}b\n"), ("ü", "日本\u{7f}")],
+        ];
+        for c in cases {
+            let pairs: Vec<(String, String)> = c.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let map: std::collections::BTreeMap<&str, &str> = c.iter().copied().collect();
+            assert_eq!(json_object(&pairs), serde_json::to_string(&map).unwrap(), "{c:?}");
+        }
+        for v in [0u128, 1, u128::MAX, 0x0123_4567_89ab_cdef_0011_2233_4455_6677] {
+            assert_eq!(hex128(v), format!("{v:032x}"));
         }
     }
 

@@ -1,0 +1,337 @@
+//! Lazy OTLP protobuf decoding: most spans and log records a team forwards
+//! carry no business meaning, and decoding each into prost's types (a
+//! `String` per attribute key and value, a `Vec` per list) was most of the
+//! cost of handling them.
+//!
+//! The request is decoded down to its resources and scopes; each span or log
+//! record stays raw bytes (a slice of the request, not a copy) until a scan of
+//! its attribute keys says it may be business: a `business.*` key, a resource
+//! naming the process, or mapping rules configured (rules can match any
+//! record, so then everything is decoded). Only those are decoded and
+//! classified; the rest are counted as discarded, exactly as the classifier
+//! would have discarded them. The scan checks the record's protobuf framing;
+//! the contents of a record that is not business (its strings' UTF-8, its
+//! events) are never looked at.
+
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+
+/// `ExportTraceServiceRequest` with each span left encoded.
+#[derive(Clone, PartialEq, Message)]
+pub struct LazyTraces {
+    #[prost(message, repeated, tag = "1")]
+    pub resource_spans: Vec<LazyResourceSpans>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct LazyResourceSpans {
+    #[prost(message, optional, tag = "1")]
+    pub resource: Option<Resource>,
+    #[prost(message, repeated, tag = "2")]
+    pub scope_spans: Vec<LazyScopeSpans>,
+    #[prost(string, tag = "3")]
+    pub schema_url: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct LazyScopeSpans {
+    #[prost(message, optional, tag = "1")]
+    pub scope: Option<InstrumentationScope>,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub spans: Vec<Bytes>,
+    #[prost(string, tag = "3")]
+    pub schema_url: String,
+}
+
+/// `ExportLogsServiceRequest` with each log record left encoded.
+#[derive(Clone, PartialEq, Message)]
+pub struct LazyLogs {
+    #[prost(message, repeated, tag = "1")]
+    pub resource_logs: Vec<LazyResourceLogs>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct LazyResourceLogs {
+    #[prost(message, optional, tag = "1")]
+    pub resource: Option<Resource>,
+    #[prost(message, repeated, tag = "2")]
+    pub scope_logs: Vec<LazyScopeLogs>,
+    #[prost(string, tag = "3")]
+    pub schema_url: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct LazyScopeLogs {
+    #[prost(message, optional, tag = "1")]
+    pub scope: Option<InstrumentationScope>,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub log_records: Vec<Bytes>,
+    #[prost(string, tag = "3")]
+    pub schema_url: String,
+}
+
+/// `Span.attributes` and `LogRecord.attributes` field numbers.
+const SPAN_ATTRIBUTES: u64 = 9;
+const LOG_ATTRIBUTES: u64 = 6;
+
+/// A request whose non-business records were dropped undecoded.
+pub struct Expanded<R> {
+    pub request: R,
+    /// Records in the request.
+    pub total: usize,
+    /// Records dropped by the scan (no business meaning).
+    pub skipped: u64,
+}
+
+impl LazyTraces {
+    /// Decodes the spans that may be business. `decode_all`: mapping rules
+    /// are configured, so any span may match one.
+    pub fn expand(self, decode_all: bool) -> Result<Expanded<ExportTraceServiceRequest>, String> {
+        let (mut total, mut skipped) = (0, 0);
+        let mut resource_spans = Vec::with_capacity(self.resource_spans.len());
+        for rs in self.resource_spans {
+            let all = decode_all || resource_is_business(rs.resource.as_ref());
+            let mut scope_spans = Vec::with_capacity(rs.scope_spans.len());
+            for ss in rs.scope_spans {
+                total += ss.spans.len();
+                let mut spans = Vec::new();
+                for raw in ss.spans {
+                    if all || has_business_attribute(&raw, SPAN_ATTRIBUTES)? {
+                        spans.push(Span::decode(raw).map_err(|e| format!("failed to decode a span: {e}"))?);
+                    } else {
+                        skipped += 1;
+                    }
+                }
+                if !spans.is_empty() {
+                    scope_spans.push(ScopeSpans { scope: ss.scope, spans, schema_url: ss.schema_url });
+                }
+            }
+            if !scope_spans.is_empty() {
+                resource_spans.push(ResourceSpans { resource: rs.resource, scope_spans, schema_url: rs.schema_url });
+            }
+        }
+        Ok(Expanded { request: ExportTraceServiceRequest { resource_spans }, total, skipped })
+    }
+}
+
+impl LazyLogs {
+    /// Decodes the log records that may be business (see [`LazyTraces::expand`]).
+    pub fn expand(self, decode_all: bool) -> Result<Expanded<ExportLogsServiceRequest>, String> {
+        let (mut total, mut skipped) = (0, 0);
+        let mut resource_logs = Vec::with_capacity(self.resource_logs.len());
+        for rl in self.resource_logs {
+            let all = decode_all || resource_is_business(rl.resource.as_ref());
+            let mut scope_logs = Vec::with_capacity(rl.scope_logs.len());
+            for sl in rl.scope_logs {
+                total += sl.log_records.len();
+                let mut log_records = Vec::new();
+                for raw in sl.log_records {
+                    if all || has_business_attribute(&raw, LOG_ATTRIBUTES)? {
+                        log_records
+                            .push(LogRecord::decode(raw).map_err(|e| format!("failed to decode a log record: {e}"))?);
+                    } else {
+                        skipped += 1;
+                    }
+                }
+                if !log_records.is_empty() {
+                    scope_logs.push(ScopeLogs { scope: sl.scope, log_records, schema_url: sl.schema_url });
+                }
+            }
+            if !scope_logs.is_empty() {
+                resource_logs.push(ResourceLogs { resource: rl.resource, scope_logs, schema_url: rl.schema_url });
+            }
+        }
+        Ok(Expanded { request: ExportLogsServiceRequest { resource_logs }, total, skipped })
+    }
+}
+
+/// An OTLP export request and its lazily decoded form.
+pub trait OtlpRequest: Message + Default + Sized {
+    type Lazy: Message + Default;
+    /// Records in a fully decoded request.
+    fn records(&self) -> usize;
+    fn expand(lazy: Self::Lazy, decode_all: bool) -> Result<Expanded<Self>, String>;
+
+    /// Decodes protobuf lazily: the records without business meaning are
+    /// counted and dropped undecoded.
+    fn decode_lazy(data: Bytes, decode_all: bool) -> Result<Expanded<Self>, String> {
+        let lazy = Self::Lazy::decode(data).map_err(|e| e.to_string())?;
+        Self::expand(lazy, decode_all)
+    }
+
+    /// A fully decoded request (OTLP/JSON), nothing skipped.
+    fn whole(self) -> Expanded<Self> {
+        Expanded { total: self.records(), skipped: 0, request: self }
+    }
+}
+
+impl OtlpRequest for ExportTraceServiceRequest {
+    type Lazy = LazyTraces;
+    fn records(&self) -> usize {
+        self.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum()
+    }
+    fn expand(lazy: LazyTraces, decode_all: bool) -> Result<Expanded<Self>, String> {
+        lazy.expand(decode_all)
+    }
+}
+
+impl OtlpRequest for ExportLogsServiceRequest {
+    type Lazy = LazyLogs;
+    fn records(&self) -> usize {
+        self.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum()
+    }
+    fn expand(lazy: LazyLogs, decode_all: bool) -> Result<Expanded<Self>, String> {
+        lazy.expand(decode_all)
+    }
+}
+
+fn resource_is_business(r: Option<&Resource>) -> bool {
+    r.is_some_and(|r| crate::classify::has_business(&r.attributes))
+}
+
+/// Whether an encoded span or log record has an attribute (repeated
+/// `KeyValue` field `attributes_tag`) whose key starts with `business.`.
+/// Walks the fields without decoding them; an error means broken framing.
+pub fn has_business_attribute(mut buf: &[u8], attributes_tag: u64) -> Result<bool, String> {
+    while !buf.is_empty() {
+        let (tag, field) = next_field(&mut buf)?;
+        if tag == attributes_tag {
+            if let Some(mut kv) = field {
+                while !kv.is_empty() {
+                    let (t, f) = next_field(&mut kv)?;
+                    if t == 1 {
+                        if f.is_some_and(|key| key.starts_with(b"business.")) {
+                            return Ok(true);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Reads one field: its number and, for a length-delimited one, its bytes.
+fn next_field<'a>(buf: &mut &'a [u8]) -> Result<(u64, Option<&'a [u8]>), String> {
+    let key = varint(buf)?;
+    let (tag, wire_type) = (key >> 3, key & 7);
+    if tag == 0 {
+        return Err("failed to decode a record: field number 0".into());
+    }
+    let skip = |buf: &mut &'a [u8], n: usize| -> Result<&'a [u8], String> {
+        if buf.len() < n {
+            return Err("failed to decode a record: truncated field".into());
+        }
+        let (head, rest) = buf.split_at(n);
+        *buf = rest;
+        Ok(head)
+    };
+    match wire_type {
+        0 => varint(buf).map(|_| (tag, None)),
+        1 => skip(buf, 8).map(|_| (tag, None)),
+        5 => skip(buf, 4).map(|_| (tag, None)),
+        2 => {
+            let len = usize::try_from(varint(buf)?).map_err(|_| "failed to decode a record: length".to_string())?;
+            skip(buf, len).map(|b| (tag, Some(b)))
+        }
+        w => Err(format!("failed to decode a record: wire type {w}")),
+    }
+}
+
+fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+    prost::encoding::decode_varint(buf).map_err(|e| format!("failed to decode a record: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
+
+    fn kv(k: &str, v: &str) -> KeyValue {
+        KeyValue {
+            key: k.into(),
+            value: Some(AnyValue { value: Some(Value::StringValue(v.into())) }),
+            ..Default::default()
+        }
+    }
+
+    fn span(name: &str, attrs: Vec<KeyValue>) -> Span {
+        Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            name: name.into(),
+            start_time_unix_nano: 5,
+            attributes: attrs,
+            ..Default::default()
+        }
+    }
+
+    fn request(resource: Vec<KeyValue>, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource { attributes: resource, ..Default::default() }),
+                scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn lazy(r: &ExportTraceServiceRequest) -> LazyTraces {
+        LazyTraces::decode(Bytes::from(r.encode_to_vec())).unwrap()
+    }
+
+    #[test]
+    fn only_spans_with_a_business_key_are_decoded_and_they_decode_whole() {
+        let business = span("b", vec![kv("http.route", "/x"), kv("business.process.name", "import")]);
+        let plain = span("p", vec![kv("http.route", "/x"), kv("note", "business.process.name")]);
+        let r = request(vec![kv("service.name", "svc")], vec![plain.clone(), business.clone(), plain]);
+        let e = lazy(&r).expand(false).unwrap();
+        assert_eq!((e.total, e.skipped), (3, 1 + 1));
+        assert_eq!(e.request.resource_spans[0].scope_spans[0].spans, vec![business]);
+        assert_eq!(e.request.resource_spans[0].resource, r.resource_spans[0].resource);
+    }
+
+    #[test]
+    fn a_business_resource_or_rules_decode_everything() {
+        let plain = span("p", vec![kv("http.route", "/x")]);
+        let r = request(vec![kv("business.process.name", "import")], vec![plain.clone()]);
+        assert_eq!(lazy(&r).expand(false).unwrap().skipped, 0);
+        let r = request(vec![], vec![plain.clone()]);
+        let e = lazy(&r).expand(true).unwrap();
+        assert_eq!((e.skipped, e.request), (0, r.clone()));
+        let e = lazy(&r).expand(false).unwrap();
+        assert_eq!((e.skipped, e.request.resource_spans.len()), (1, 0));
+    }
+
+    #[test]
+    fn broken_framing_in_a_span_is_an_error_not_a_skip() {
+        let mut raw = span("p", vec![kv("http.route", "/x")]).encode_to_vec();
+        raw.truncate(raw.len() - 2);
+        assert!(has_business_attribute(&raw, SPAN_ATTRIBUTES).is_err());
+        assert!(has_business_attribute(&[0x4a, 0x05, 0x0a], SPAN_ATTRIBUTES).is_err());
+        assert!(has_business_attribute(&[0x00], SPAN_ATTRIBUTES).is_err());
+        assert!(has_business_attribute(&[0x4f], SPAN_ATTRIBUTES).is_err(), "wire type 7");
+    }
+
+    #[test]
+    fn logs_are_scanned_by_their_own_attribute_field() {
+        let business = LogRecord { attributes: vec![kv("business.milestone", "m")], ..Default::default() };
+        let plain = LogRecord { attributes: vec![kv("k", "v")], severity_text: "INFO".into(), ..Default::default() };
+        let r = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                scope_logs: vec![ScopeLogs { log_records: vec![plain, business.clone()], ..Default::default() }],
+                ..Default::default()
+            }],
+        };
+        let e = LazyLogs::decode(Bytes::from(r.encode_to_vec())).unwrap().expand(false).unwrap();
+        assert_eq!((e.total, e.skipped), (2, 1));
+        assert_eq!(e.request.resource_logs[0].scope_logs[0].log_records, vec![business]);
+    }
+}
