@@ -57,10 +57,11 @@ pub struct SpoolBatch {
 }
 
 #[derive(Serialize)]
-struct SpoolBatchRef<'a> {
+struct SpoolBatchRef<'a, R: Serialize> {
     written_ns: i64,
     signals: &'a [SignalRecord],
-    runs: &'a [Arc<ProcessRun>],
+    /// Run states: the runs, or their JSON made beforehand.
+    runs: &'a [R],
     merges: &'a [(RunKey, String)],
     aliases: &'a [(String, String, String)],
     process_violations: &'a [(String, Violation)],
@@ -78,11 +79,19 @@ impl SpoolBatch {
     /// writes one record per tracker commit; a fresh buffer per commit was
     /// a large allocation and its page faults every time).
     pub fn encode_into(b: &WriteBatch, buf: &mut Vec<u8>) {
+        Self::encode_with_states(b, &b.runs, buf)
+    }
+
+    /// Like [`encode_into`](Self::encode_into) with the runs' states given
+    /// (each serialized `b.runs[i]`), so a store that keeps the state JSON
+    /// serializes each run once.
+    pub fn encode_with_states<R: Serialize>(b: &WriteBatch, states: &[R], buf: &mut Vec<u8>) {
+        debug_assert_eq!(states.len(), b.runs.len());
         buf.clear();
         let rec = SpoolBatchRef {
             written_ns: crate::now_ns(),
             signals: &b.signals,
-            runs: &b.runs,
+            runs: states,
             merges: &b.merges,
             aliases: &b.aliases,
             process_violations: &b.process_violations,

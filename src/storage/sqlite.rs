@@ -23,6 +23,7 @@ use crate::metrics::SelfMetrics;
 use crate::runs::run::{ProcessRun, Violation};
 use crate::signal::{BusinessEvent, RunKey};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,6 +66,8 @@ struct Shared {
 #[derive(Default)]
 struct Pending {
     batch: WriteBatch,
+    /// `batch.runs[i]` as JSON, made once for the journal and kept for SQLite.
+    states: Vec<Box<RawValue>>,
     run_index: HashMap<RunKey, usize>,
     merged_from: HashSet<RunKey>,
     aliases: HashMap<(String, String), String>,
@@ -77,12 +80,13 @@ impl Pending {
     }
 
     /// Folds in a batch that comes after everything already pending.
-    fn absorb(&mut self, seq: u64, b: WriteBatch) {
+    fn absorb(&mut self, seq: u64, b: WriteBatch, states: Vec<Box<RawValue>>) {
         // A merge deletes the trace-keyed run's row; a pending upsert of it
         // must not bring it back (the merge is applied before the upserts).
         for (from, to) in b.merges {
             if let Some(i) = self.run_index.remove(&from) {
                 self.batch.runs.swap_remove(i);
+                self.states.swap_remove(i);
                 if let Some(moved) = self.batch.runs.get(i) {
                     self.run_index.insert(moved.key(), i);
                 }
@@ -90,12 +94,14 @@ impl Pending {
             self.merged_from.insert(from.clone());
             self.batch.merges.push((from, to));
         }
-        for r in b.runs {
-            match self.run_index.get(&r.key()) {
-                Some(&i) => self.batch.runs[i] = r,
+        for (r, state) in b.runs.into_iter().zip(states) {
+            let key = r.key();
+            match self.run_index.get(&key) {
+                Some(&i) => (self.batch.runs[i], self.states[i]) = (r, state),
                 None => {
-                    self.run_index.insert(r.key(), self.batch.runs.len());
+                    self.run_index.insert(key, self.batch.runs.len());
                     self.batch.runs.push(r);
+                    self.states.push(state);
                 }
             }
         }
@@ -198,7 +204,11 @@ impl SqliteStore {
             journal.read(applied as u64, usize::MAX).map_err(|e| StorageError::Corrupt(format!("journal: {e}")))?
         {
             match SpoolBatch::decode(&payload) {
-                Ok(b) => pending.absorb(seq, b.into_write_batch()),
+                Ok(b) => {
+                    let b = b.into_write_batch();
+                    let states = run_states(&b)?;
+                    pending.absorb(seq, b, states)
+                }
                 Err(e) => {
                     // Checksummed, so written by a bizsignal that encoded differently.
                     undecodable += payload.len() as u64;
@@ -404,7 +414,7 @@ impl Shared {
         let res = (|| -> Result<(), StorageError> {
             let mut c = lock(&self.writer);
             let tx = c.transaction()?;
-            apply(&tx, &p.batch)?;
+            apply(&tx, &p.batch, &p.states)?;
             tx.execute("UPDATE journal_state SET applied_seq = ?1", [p.last_seq as i64])?;
             tx.commit()?;
             Ok(())
@@ -425,7 +435,7 @@ impl Shared {
                 let mut cur = lock(&self.pending);
                 let newer = std::mem::replace(&mut *cur, p);
                 let seq = newer.last_seq;
-                cur.absorb(seq, newer.batch);
+                cur.absorb(seq, newer.batch, newer.states);
                 cur.merged_from.extend(newer.merged_from);
                 Err(e)
             }
@@ -482,8 +492,14 @@ fn run_from_state(state: &str) -> Result<ProcessRun, StorageError> {
     serde_json::from_str(state).map_err(corrupt)
 }
 
-/// Writes one (folded) batch inside the caller's transaction.
-fn apply(tx: &Transaction, b: &WriteBatch) -> Result<(), StorageError> {
+/// Each run's state JSON, in order.
+fn run_states(b: &WriteBatch) -> Result<Vec<Box<RawValue>>, StorageError> {
+    b.runs.iter().map(|r| serde_json::value::to_raw_value(&**r).map_err(corrupt)).collect()
+}
+
+/// Writes one (folded) batch inside the caller's transaction; `states[i]`
+/// is `b.runs[i]` as JSON.
+fn apply(tx: &Transaction, b: &WriteBatch, states: &[Box<RawValue>]) -> Result<(), StorageError> {
     {
         let mut ins = tx.prepare_cached(
             "INSERT OR IGNORE INTO business_signals (signal_id, process, run_id, time_ns, service, trace_id, span_id, attributes, resource, rows)
@@ -520,8 +536,8 @@ fn apply(tx: &Transaction, b: &WriteBatch) -> Result<(), StorageError> {
                  ON CONFLICT (process, run_id) DO UPDATE SET status = excluded.status, started_at_ns = excluded.started_at_ns,
                  last_seen_at_ns = excluded.last_seen_at_ns, ended_at_ns = excluded.ended_at_ns, state = excluded.state",
             )?;
-        for r in &b.runs {
-            let state = serde_json::to_string(r).map_err(corrupt)?;
+        for (r, state) in b.runs.iter().zip(states) {
+            let state = state.get();
             up.execute(params![
                 r.process,
                 r.run_id,
@@ -552,13 +568,14 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let sh = &self.shared;
+        let states = run_states(&b)?;
         let seq = {
             let mut buf = lock(&sh.encode_buf);
-            SpoolBatch::encode_into(&b, &mut buf);
+            SpoolBatch::encode_with_states(&b, &states, &mut buf);
             sh.journal.append(&buf).map_err(|e| StorageError::Unavailable(e.to_string()))?
         };
         let mut p = lock(&sh.pending);
-        p.absorb(seq, b);
+        p.absorb(seq, b, states);
         if p.batch.signals.len() >= FLUSH_SIGNALS {
             sh.wake.notify_one();
         }
