@@ -171,10 +171,10 @@ async fn large_requests_under_overload_stay_within_the_inflight_budget() {
         } else {
             0
         };
-        // Acknowledged means kept. A refused request is normally not stored,
-        // but "refused" is not a promise: the client retries it and the
-        // retry is de-duplicated (seen once in a while under the full suite,
-        // unexplained; see the closing note of the performance work).
+        // Acknowledged means kept. A refused request may still have been
+        // stored (a refusal is not a promise; the retry is de-duplicated).
+        // This assertion caught acknowledged-but-lost records when OTLP/HTTP
+        // protobuf bodies were decoded lazily (see src/receivers/lazy.rs).
         let (acked, sent) = (t.acked * RECORDS as u64, (t.acked + t.refused) * RECORDS as u64);
         assert!(
             stored >= acked && stored <= sent && stored % RECORDS as u64 == 0,

@@ -182,9 +182,7 @@ impl HttpReceiver {
         }
         let msg = match encoding {
             Encoding::Protobuf => {
-                // Lazily: see super::lazy.
-                T::decode_lazy(data, self.intake.classifier.has_rules())
-                    .map_err(|e| format!("body is not a valid OTLP protobuf message: {e}"))
+                T::decode(data).map(T::whole).map_err(|e| format!("body is not a valid OTLP protobuf message: {e}"))
             }
             Encoding::Json => decode_json::<T>(&data).map(T::whole),
         };

@@ -12,6 +12,11 @@
 //! would have discarded them. The scan checks the record's protobuf framing;
 //! the contents of a record that is not business (its strings' UTF-8, its
 //! events) are never looked at.
+//!
+//! Used by the OTLP/gRPC receiver only. The same decoding behind OTLP/HTTP
+//! (bodies without gzip) lost acknowledged business records under the
+//! in-flight memory test (`tests/reliability_memory.rs`, about one run in
+//! two); the cause was not found, so OTLP/HTTP decodes whole.
 
 use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
@@ -157,13 +162,6 @@ pub trait OtlpRequest: Message + Default + Sized {
     /// Records in a fully decoded request.
     fn records(&self) -> usize;
     fn expand(lazy: Self::Lazy, decode_all: bool) -> Result<Expanded<Self>, String>;
-
-    /// Decodes protobuf lazily: the records without business meaning are
-    /// counted and dropped undecoded.
-    fn decode_lazy(data: Bytes, decode_all: bool) -> Result<Expanded<Self>, String> {
-        let lazy = Self::Lazy::decode(data).map_err(|e| e.to_string())?;
-        Self::expand(lazy, decode_all)
-    }
 
     /// A fully decoded request (OTLP/JSON), nothing skipped.
     fn whole(self) -> Expanded<Self> {
