@@ -156,36 +156,26 @@ impl LazyLogs {
     }
 }
 
-/// An OTLP export request and its lazily decoded form.
+/// An OTLP export request decoded whole (OTLP/HTTP, OTLP/JSON, tests).
 pub trait OtlpRequest: Message + Default + Sized {
-    type Lazy: Message + Default;
-    /// Records in a fully decoded request.
+    /// Records in the request.
     fn records(&self) -> usize;
-    fn expand(lazy: Self::Lazy, decode_all: bool) -> Result<Expanded<Self>, String>;
 
-    /// A fully decoded request (OTLP/JSON), nothing skipped.
+    /// The request as an [`Expanded`] one with nothing skipped.
     fn whole(self) -> Expanded<Self> {
         Expanded { total: self.records(), skipped: 0, request: self }
     }
 }
 
 impl OtlpRequest for ExportTraceServiceRequest {
-    type Lazy = LazyTraces;
     fn records(&self) -> usize {
         self.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum()
-    }
-    fn expand(lazy: LazyTraces, decode_all: bool) -> Result<Expanded<Self>, String> {
-        lazy.expand(decode_all)
     }
 }
 
 impl OtlpRequest for ExportLogsServiceRequest {
-    type Lazy = LazyLogs;
     fn records(&self) -> usize {
         self.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum()
-    }
-    fn expand(lazy: LazyLogs, decode_all: bool) -> Result<Expanded<Self>, String> {
-        lazy.expand(decode_all)
     }
 }
 

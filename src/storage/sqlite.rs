@@ -273,10 +273,14 @@ impl SqliteStore {
     /// answer from SQLite plus them: the tracker and the run page keep
     /// working through a database outage, and a restart does not crash-loop.
     fn flush_or_pending(&self, needed: impl FnOnce(&Pending) -> bool) -> Option<MutexGuard<'_, Pending>> {
+        // A flush in progress has taken its batches out of `pending` and not
+        // committed them yet: without waiting for it, a read could find them
+        // in neither place (an acknowledged run answered 404 under load).
+        let order = lock(&self.shared.flushing);
         if !needed(&lock(&self.shared.pending)) {
             return None;
         }
-        match self.shared.flush() {
+        match self.shared.flush_in_order(&order) {
             Ok(()) => None,
             Err(e) => {
                 tracing::debug!(error = %e, "answering a read from SQLite plus the journal");
@@ -405,7 +409,12 @@ impl Shared {
     /// Applies everything pending to SQLite in one transaction; on failure
     /// it stays pending (and in the journal) for the next attempt.
     fn flush(&self) -> Result<(), StorageError> {
-        let _order = lock(&self.flushing);
+        let order = lock(&self.flushing);
+        self.flush_in_order(&order)
+    }
+
+    /// [`flush`](Self::flush) for a caller that holds `flushing`.
+    fn flush_in_order(&self, _order: &MutexGuard<'_, ()>) -> Result<(), StorageError> {
         let p = std::mem::take(&mut *lock(&self.pending));
         if p.is_empty() {
             return Ok(());
