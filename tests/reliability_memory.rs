@@ -173,8 +173,8 @@ async fn large_requests_under_overload_stay_within_the_inflight_budget() {
         };
         // Acknowledged means kept. A refused request may still have been
         // stored (a refusal is not a promise; the retry is de-duplicated).
-        // This assertion caught acknowledged-but-lost records when OTLP/HTTP
-        // protobuf bodies were decoded lazily (see src/receivers/lazy.rs).
+        // This assertion caught acknowledged runs missing from reads (a read
+        // racing a SQLite flush; see `flush_or_pending`).
         let (acked, sent) = (t.acked * RECORDS as u64, (t.acked + t.refused) * RECORDS as u64);
         assert!(
             stored >= acked && stored <= sent && stored % RECORDS as u64 == 0,
