@@ -114,8 +114,15 @@ fn batch_encode(c: &mut Criterion) {
     let signals = business_signals(BATCH);
     let mut g = c.benchmark_group("storage");
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("batch encode (to_events)", |b| {
-        b.iter(|| signals.iter().map(|s| s.to_events("run-1").len()).sum::<usize>())
+    // What the tracker builds per signal (one record, its rows inside).
+    g.bench_function("batch encode (signal records)", |b| {
+        let mut memo = bizsignal::storage::record::ResourceMemo::default();
+        b.iter(|| {
+            signals
+                .iter()
+                .map(|s| bizsignal::storage::record::SignalRecord::from_signal_memo(s, "run-1", &mut memo).rows.len())
+                .sum::<usize>()
+        })
     });
     g.finish();
 }
