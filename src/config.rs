@@ -222,6 +222,10 @@ pub struct PipelineConfig {
     /// Drain deadline per stage on shutdown.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
+    /// Signal ids newer than this stay in memory for de-duplication; older
+    /// signals are checked against storage (exact either way).
+    #[serde(deserialize_with = "de_duration")]
+    pub dedup_window: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -233,6 +237,7 @@ impl Default for PipelineConfig {
             tick: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
+            dedup_window: Duration::from_secs(120),
         }
     }
 }
@@ -609,6 +614,9 @@ impl Config {
         }
         if self.pipeline.max_batches_per_commit == 0 {
             return Err(ConfigError::at(file, "pipeline.max_batches_per_commit", "must be greater than zero"));
+        }
+        if self.pipeline.dedup_window < Duration::from_millis(1) || self.pipeline.dedup_window > Duration::from_secs(7 * 86_400) {
+            return Err(ConfigError::at(file, "pipeline.dedup_window", "must be between 1ms and 7d"));
         }
         if self.pipeline.tick.is_zero() {
             return Err(ConfigError::at(file, "pipeline.tick", "must be greater than zero"));

@@ -45,6 +45,8 @@ pub struct SelfMetrics {
     pub storage_failures: AtomicU64,
     pub storage_commit_nanos: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// Signal ids the run tracker holds for de-duplication (`pipeline.dedup_window`).
+    pub dedup_ids: AtomicU64,
     /// Bytes cut off journal/spool tails at start-up (torn or corrupt records).
     pub journal_discarded_bytes: AtomicU64,
     /// Bytes in the SQLite journal not yet applied to the database.

@@ -7,7 +7,7 @@
 
 use super::expect::{check_counts, check_run, check_run_due, DeadlineRule};
 use super::run::{ProcessRun, RunStatus, Violation};
-use super::seen::SeenIds;
+use super::seen::{DedupWindow, RecentIds, SeenIds};
 use crate::config::{PipelineConfig, ProcessExpectations};
 use crate::metrics::SelfMetrics;
 use crate::signal::{RunKey, Signal};
@@ -110,8 +110,9 @@ struct RunEntry {
     /// Shared with observers and subscribers as `RunChange::before`/`after`;
     /// replaced (never mutated) when a commit changes the run.
     run: Arc<ProcessRun>,
-    /// Identities of the committed signals folded in (exact de-duplication).
-    seen: SeenIds,
+    /// Identities of the committed signals folded in whose time is within
+    /// the de-duplication window (older ones are looked up in storage).
+    seen: RecentIds,
 }
 
 /// A run's working copy in one commit. The committed state stays untouched
@@ -120,27 +121,34 @@ struct RunEntry {
 /// de-duplication set.
 struct Draft {
     run: ProcessRun,
-    /// Ids folded in by this commit, sorted: checked together with the
-    /// committed set, merged into it when the commit succeeds, dropped when it fails.
-    new_ids: Vec<u128>,
+    /// (id, signal time) of the signals folded in by this commit, sorted by
+    /// id: checked together with the committed set, merged into it when the
+    /// commit succeeds, dropped when it fails.
+    new_ids: Vec<(u128, i64)>,
     /// Committed ids that are not in `Tracker::runs` under this key: those of
     /// a run this commit loaded from storage, and of runs merged into this one.
-    extra: SeenIds,
+    extra: RecentIds,
+    /// Ids of this run's stored signals older than the window, loaded at the
+    /// commit's first signal that old (see [`Tracker::fold`]).
+    stored: Option<SeenIds>,
 }
 
 impl Draft {
-    fn new(run: ProcessRun, extra: SeenIds) -> Self {
-        Draft { run, new_ids: Vec::new(), extra }
+    fn new(run: ProcessRun, extra: RecentIds) -> Self {
+        Draft { run, new_ids: Vec::new(), extra, stored: None }
     }
 
-    /// Whether `id` is already folded in: by this commit or a committed one (`committed`: the run's set in memory).
-    fn has(&self, committed: Option<&SeenIds>, id: u128) -> bool {
-        self.new_ids.binary_search(&id).is_ok() || self.extra.contains(id) || committed.is_some_and(|c| c.contains(id))
+    /// Whether `id` is already folded in: by this commit or a committed one
+    /// within the window (`committed`: the run's set in memory).
+    fn has(&self, committed: Option<&RecentIds>, id: u128) -> bool {
+        self.new_ids.binary_search_by_key(&id, |(i, _)| *i).is_ok()
+            || self.extra.contains(id)
+            || committed.is_some_and(|c| c.contains(id))
     }
 
-    fn add(&mut self, id: u128) {
-        if let Err(pos) = self.new_ids.binary_search(&id) {
-            self.new_ids.insert(pos, id);
+    fn add(&mut self, id: u128, t: i64) {
+        if let Err(pos) = self.new_ids.binary_search_by_key(&id, |(i, _)| *i) {
+            self.new_ids.insert(pos, (id, t));
         }
     }
 }
@@ -211,6 +219,21 @@ pub struct Tracker {
     last_success: HashMap<String, i64>,
     /// Per process: the rule and its next deadline instant.
     deadlines: HashMap<String, (DeadlineRule, i64)>,
+    /// Which signal ids stay in memory (`pipeline.dedup_window`).
+    window: DedupWindow,
+    /// The first bucket kept by the last sweep of `RunEntry::seen`.
+    swept: i64,
+}
+
+/// The time a signal is de-duplicated by, the same in every retry: its
+/// earliest row time, which is what storage keeps as the signal's time
+/// (`SignalRecord::first_time_ns`: the signal row at its start, facts at its end).
+fn signal_time(s: &Signal) -> i64 {
+    if s.facts.is_empty() {
+        s.start_ns
+    } else {
+        s.start_ns.min(s.time_ns)
+    }
 }
 
 /// The per-commit working set: copies of the runs a commit touches and the
@@ -227,6 +250,13 @@ struct Work {
     aliases: Aliases,
     batch: WriteBatch,
     resource: ResourceMemo,
+    /// The commit's clock.
+    now: i64,
+    /// Signals older than this are checked against storage.
+    horizon: i64,
+    /// The earliest time among the commit's signals older than `horizon`
+    /// (one storage read per run covers all of them).
+    oldest: i64,
 }
 
 impl Tracker {
@@ -253,11 +283,15 @@ impl Tracker {
             );
             open.truncate(max_active_runs);
         }
+        let window = DedupWindow::new(pipeline.dedup_window);
+        let mut remembered = 0;
         for run in open {
             let key = run.key();
-            let seen = SeenIds::from_ids(store.signal_ids(&key)?);
+            let seen = window.recent(store.signal_ids(&key, window.horizon(now), i64::MAX)?, now);
+            remembered += seen.len();
             runs.insert(key, RunEntry { run: Arc::new(run), seen });
         }
+        metrics.dedup_ids.store(remembered as u64, Ordering::Relaxed);
         let deadlines = expectations
             .iter()
             .filter_map(|(p, e)| {
@@ -283,6 +317,8 @@ impl Tracker {
             runs,
             aliases: Aliases::default(),
             deadlines,
+            window,
+            swept: window.first_kept(now),
         };
         let join = std::thread::Builder::new()
             .name("run-tracker".into())
@@ -329,7 +365,9 @@ impl Tracker {
 
     fn commit(&mut self, batch: Vec<Submission>) {
         let now = crate::now_ns();
-        let mut work = Work::default();
+        let horizon = self.window.horizon(now);
+        let oldest = batch.iter().flat_map(|s| &s.signals).map(signal_time).filter(|t| *t < horizon).min();
+        let mut work = Work { now, horizon, oldest: oldest.unwrap_or(horizon), ..Work::default() };
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut result = Ok(());
         'outer: for (si, sub) in batch.iter().enumerate() {
@@ -392,12 +430,12 @@ impl Tracker {
                     let before = match self.runs.get_mut(&key) {
                         Some(e) => {
                             e.seen.absorb(extra);
-                            e.seen.extend(new_ids);
+                            self.window.remember(&mut e.seen, new_ids, now);
                             Some(std::mem::replace(&mut e.run, after.clone()))
                         }
                         None => {
                             let mut seen = extra;
-                            seen.extend(new_ids);
+                            self.window.remember(&mut seen, new_ids, now);
                             self.runs.insert(key.clone(), RunEntry { run: after.clone(), seen });
                             work.loaded.remove(&key)
                         }
@@ -429,13 +467,37 @@ impl Tracker {
 
     /// Folds one signal into its run's working copy; returns the run id it
     /// was filed under, `None` for a duplicate.
+    ///
+    /// De-duplication is exact: ids of signals within the window are in
+    /// memory; a signal older than that (late data, a replay, a retry after a
+    /// long outage) is also checked against the run's stored ids.
     fn fold(&mut self, s: &Signal, now: i64, work: &mut Work) -> Result<Option<String>, StorageError> {
         let key = self.route(s, work)?;
+        let t = signal_time(s);
+        // Runs this commit merged into `key`: their stored signals count as its own.
+        let merged: Vec<RunKey> = if t < work.horizon {
+            work.batch.merges.iter().filter(|(from, to)| *to == key.run_id && from.process == key.process).map(|(from, _)| from.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let (horizon, oldest) = (work.horizon, work.oldest);
         let draft = self.draft(&key, work, now)?;
         if draft.has(self.runs.get(&key).map(|e| &e.seen), s.id) {
             return Ok(None);
         }
-        draft.add(s.id);
+        if t < horizon {
+            if draft.stored.is_none() {
+                let mut ids = Vec::new();
+                for k in std::iter::once(&key).chain(&merged) {
+                    ids.extend(self.store.signal_ids(k, oldest, horizon - 1)?.into_iter().map(|(id, _)| id));
+                }
+                draft.stored = Some(SeenIds::from_ids(ids));
+            }
+            if draft.stored.as_ref().is_some_and(|st| st.contains(s.id)) {
+                return Ok(None);
+            }
+        }
+        draft.add(s.id, t);
         draft.run.apply(s, now);
         work.batch.signals.push(SignalRecord::from_signal_memo(s, &key.run_id, &mut work.resource));
         Ok(Some(key.run_id))
@@ -462,9 +524,11 @@ impl Tracker {
                     let target = self.draft(&key, work, now)?;
                     target.run.merge(&old.run);
                     target.extra.absorb(old.extra);
-                    for id in old.new_ids {
-                        target.add(id);
+                    for (id, t) in old.new_ids {
+                        target.add(id, t);
                     }
+                    // Its stored ids (older than the window) now count too: read them again.
+                    target.stored = None;
                     // Events of the trace-keyed run queued in this very commit move too.
                     for e in
                         work.batch.signals.iter_mut().filter(|e| e.process == tkey.process && e.run_id == tkey.run_id)
@@ -496,14 +560,14 @@ impl Tracker {
         if !work.dirty.contains_key(key) {
             let d = match self.runs.get(key) {
                 // Its committed ids stay in `self.runs`; only the run state is copied.
-                Some(e) => Draft::new((*e.run).clone(), SeenIds::default()),
-                None => match self.load(key)? {
+                Some(e) => Draft::new((*e.run).clone(), RecentIds::default()),
+                None => match self.load(key, now)? {
                     Some((run, seen)) => {
                         let d = Draft::new(run.clone(), seen);
                         work.loaded.insert(key.clone(), Arc::new(run));
                         d
                     }
-                    None => Draft::new(ProcessRun::new(key, now), SeenIds::default()),
+                    None => Draft::new(ProcessRun::new(key, now), RecentIds::default()),
                 },
             };
             work.dirty.insert(key.clone(), d);
@@ -522,12 +586,14 @@ impl Tracker {
         if let Some(e) = self.runs.get(key) {
             return Ok(Some(Draft::new((*e.run).clone(), e.seen.clone())));
         }
-        Ok(self.load(key)?.map(|(run, seen)| Draft::new(run, seen)))
+        Ok(self.load(key, work.now)?.map(|(run, seen)| Draft::new(run, seen)))
     }
 
-    fn load(&self, key: &RunKey) -> Result<Option<(ProcessRun, SeenIds)>, StorageError> {
+    /// A run from storage with the ids of its signals within the window as of
+    /// `now` (the commit's clock, so memory and the commit agree on the horizon).
+    fn load(&self, key: &RunKey, now: i64) -> Result<Option<(ProcessRun, RecentIds)>, StorageError> {
         let Some(run) = self.store.get_run(key)? else { return Ok(None) };
-        let seen = SeenIds::from_ids(self.store.signal_ids(key)?);
+        let seen = self.window.recent(self.store.signal_ids(key, self.window.horizon(now), i64::MAX)?, now);
         Ok(Some((run, seen)))
     }
 
@@ -588,6 +654,22 @@ impl Tracker {
         for c in changes {
             let _ = self.changes.send(c);
         }
+    }
+
+    /// Drops the ids that fell out of the de-duplication window (each time
+    /// the horizon enters a new bucket: a quarter window).
+    fn forget_old_ids(&mut self, now: i64) {
+        let first = self.window.first_kept(now);
+        if first <= self.swept {
+            return;
+        }
+        self.swept = first;
+        let mut kept = 0;
+        for e in self.runs.values_mut() {
+            e.seen.forget_before(first);
+            kept += e.seen.len();
+        }
+        self.metrics.dedup_ids.store(kept as u64, Ordering::Relaxed);
     }
 
     fn tick(&mut self, now: i64) {
@@ -677,6 +759,7 @@ impl Tracker {
         for c in changes {
             let _ = self.changes.send(c);
         }
+        self.forget_old_ids(now);
         let mut removed = Vec::new();
         self.evict(now, &mut removed);
         let keep = KEEP_ENDED.as_nanos() as i64;
@@ -706,7 +789,9 @@ mod tests {
     struct MemStore {
         fail: AtomicBool,
         runs: Mutex<HashMap<RunKey, ProcessRun>>,
-        ids: Mutex<HashMap<RunKey, Vec<u128>>>,
+        ids: Mutex<HashMap<RunKey, Vec<(u128, i64)>>>,
+        /// How many signal id reads asked for signals older than the window (not at start or load).
+        old_reads: std::sync::atomic::AtomicUsize,
         aliases: Mutex<HashMap<(String, String), String>>,
     }
 
@@ -719,7 +804,7 @@ mod tests {
             let mut runs = self.runs.lock().unwrap();
             for e in &b.signals {
                 let key = RunKey { process: e.process.clone(), run_id: e.run_id.clone() };
-                ids.entry(key).or_default().push(u128::from_str_radix(&e.signal_id, 16).unwrap());
+                ids.entry(key).or_default().push((u128::from_str_radix(&e.signal_id, 16).unwrap(), e.first_time_ns()));
             }
             for (from, to) in &b.merges {
                 let moved = ids.remove(from).unwrap_or_default();
@@ -740,8 +825,12 @@ mod tests {
         fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
             Ok(self.runs.lock().unwrap().get(key).cloned())
         }
-        fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
+        fn signal_ids(&self, key: &RunKey, from: i64, to: i64) -> Result<Vec<(u128, i64)>, StorageError> {
+            if to != i64::MAX {
+                self.old_reads.fetch_add(1, Ordering::SeqCst);
+            }
             let mut v = self.ids.lock().unwrap().get(key).cloned().unwrap_or_default();
+            v.retain(|(_, t)| (from..=to).contains(t));
             v.sort_unstable();
             v.dedup();
             Ok(v)
@@ -763,7 +852,11 @@ mod tests {
         }
     }
 
-    fn sig(id: u128, run_id: Option<&str>, trace: &str, n: f64) -> Signal {
+    /// Signal times: long before any de-duplication window (`OLD`, checked
+    /// against storage) or now (checked in memory). Tests run with both.
+    const OLD: i64 = 0;
+
+    fn sig_at(t0: i64, id: u128, run_id: Option<&str>, trace: &str, n: f64) -> Signal {
         Signal {
             id,
             kind: SignalKind::Span,
@@ -772,8 +865,8 @@ mod tests {
             trace_id: trace.into(),
             span_id: format!("{id:016x}"),
             name: "s".into(),
-            start_ns: 1_000 + id as i64,
-            time_ns: 2_000 + id as i64,
+            start_ns: t0 + 1_000 + id as i64,
+            time_ns: t0 + 2_000 + id as i64,
             text: String::new(),
             service: "svc".into(),
             attributes: vec![],
@@ -783,12 +876,20 @@ mod tests {
     }
 
     fn start(store: Arc<MemStore>) -> (TrackerHandle, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+        start_with(store, PipelineConfig::default(), Arc::new(SelfMetrics::default()))
+    }
+
+    fn start_with(
+        store: Arc<MemStore>,
+        pipeline: PipelineConfig,
+        metrics: Arc<SelfMetrics>,
+    ) -> (TrackerHandle, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
         let sd = Arc::new(AtomicBool::new(false));
         let (h, j) = Tracker::start(
             store,
             BTreeMap::new(),
-            PipelineConfig::default(),
-            Arc::new(SelfMetrics::default()),
+            pipeline,
+            metrics,
             vec![],
             usize::MAX,
             sd.clone(),
@@ -803,67 +904,106 @@ mod tests {
 
     #[test]
     fn a_failed_write_leaves_runs_and_deduplication_as_they_were() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let store = Arc::new(MemStore::default());
-        let (h, sd, j) = start(store.clone());
-        let ok = |stored, duplicates| Ok(Outcome { stored, duplicates });
-        assert_eq!(rt.block_on(h.submit(vec![sig(1, Some("r"), "", 1.0), sig(2, Some("r"), "", 2.0)])), ok(2, 0));
-        // A commit that fails: a new signal, a duplicate, a new signal twice, a new run.
-        store.fail.store(true, Ordering::SeqCst);
-        let batch = || {
-            vec![
-                sig(3, Some("r"), "", 4.0),
-                sig(1, Some("r"), "", 1.0),
-                sig(4, Some("r"), "", 8.0),
-                sig(4, Some("r"), "", 8.0),
-                sig(5, Some("q"), "", 16.0),
-            ]
-        };
-        assert!(matches!(rt.block_on(h.submit(batch())), Err(SubmitError::Storage(_))));
-        store.fail.store(false, Ordering::SeqCst);
-        // The retry: exactly the signals the failed commit would have added count, once.
-        assert_eq!(rt.block_on(h.submit(batch())), ok(3, 2));
-        assert_eq!(rt.block_on(h.submit(batch())), ok(0, 5));
-        let r = store.get_run(&key("r")).unwrap().unwrap();
-        assert_eq!((r.counts.get("ok"), r.signal_count), (Some(&15.0), 4));
-        let q = store.get_run(&key("q")).unwrap().unwrap();
-        assert_eq!((q.counts.get("ok"), q.signal_count), (Some(&16.0), 1));
-        sd.store(true, Ordering::SeqCst);
-        drop(h);
-        j.join().unwrap();
+        for t0 in [OLD, crate::now_ns()] {
+            let sig = |id: u128, run: Option<&str>, trace: &str, n: f64| sig_at(t0, id, run, trace, n);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let store = Arc::new(MemStore::default());
+            let (h, sd, j) = start(store.clone());
+            let ok = |stored, duplicates| Ok(Outcome { stored, duplicates });
+            assert_eq!(rt.block_on(h.submit(vec![sig(1, Some("r"), "", 1.0), sig(2, Some("r"), "", 2.0)])), ok(2, 0));
+            // A commit that fails: a new signal, a duplicate, a new signal twice, a new run.
+            store.fail.store(true, Ordering::SeqCst);
+            let batch = || {
+                vec![
+                    sig(3, Some("r"), "", 4.0),
+                    sig(1, Some("r"), "", 1.0),
+                    sig(4, Some("r"), "", 8.0),
+                    sig(4, Some("r"), "", 8.0),
+                    sig(5, Some("q"), "", 16.0),
+                ]
+            };
+            assert!(matches!(rt.block_on(h.submit(batch())), Err(SubmitError::Storage(_))));
+            store.fail.store(false, Ordering::SeqCst);
+            // The retry: exactly the signals the failed commit would have added count, once.
+            assert_eq!(rt.block_on(h.submit(batch())), ok(3, 2));
+            assert_eq!(rt.block_on(h.submit(batch())), ok(0, 5));
+            let r = store.get_run(&key("r")).unwrap().unwrap();
+            assert_eq!((r.counts.get("ok"), r.signal_count), (Some(&15.0), 4));
+            let q = store.get_run(&key("q")).unwrap().unwrap();
+            assert_eq!((q.counts.get("ok"), q.signal_count), (Some(&16.0), 1));
+            sd.store(true, Ordering::SeqCst);
+            drop(h);
+            j.join().unwrap();
+        }
     }
 
     #[test]
     fn duplicates_of_a_merged_trace_run_are_recognised_after_the_merge_and_a_restart() {
+        for t0 in [OLD, crate::now_ns()] {
+            let sig = |id: u128, run: Option<&str>, trace: &str, n: f64| sig_at(t0, id, run, trace, n);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let store = Arc::new(MemStore::default());
+            let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+            let (h, sd, j) = start(store.clone());
+            // Children first (trace-keyed run), then the named root merges it; then every signal again.
+            assert_eq!(
+                rt.block_on(h.submit(vec![sig(10, None, trace, 1.0), sig(11, None, trace, 1.0)])).unwrap().stored,
+                2
+            );
+            store.fail.store(true, Ordering::SeqCst);
+            assert!(rt.block_on(h.submit(vec![sig(12, Some("named"), trace, 1.0), sig(13, None, trace, 1.0)])).is_err());
+            store.fail.store(false, Ordering::SeqCst);
+            let o = rt.block_on(h.submit(vec![
+                sig(12, Some("named"), trace, 1.0),
+                sig(13, None, trace, 1.0),
+                sig(10, None, trace, 1.0),
+            ]));
+            assert_eq!(o, Ok(Outcome { stored: 2, duplicates: 1 }));
+            let all =
+                || (10..14).map(|i| sig(i, if i == 12 { Some("named") } else { None }, trace, 1.0)).collect::<Vec<_>>();
+            assert_eq!(rt.block_on(h.submit(all())), Ok(Outcome { stored: 0, duplicates: 4 }));
+            sd.store(true, Ordering::SeqCst);
+            drop(h);
+            j.join().unwrap();
+            let r = store.get_run(&key("named")).unwrap().unwrap();
+            assert_eq!((r.counts.get("ok"), r.signal_count), (Some(&4.0), 4));
+            // After a restart the set comes from storage.
+            let (h, sd, j) = start(store.clone());
+            assert_eq!(rt.block_on(h.submit(all())), Ok(Outcome { stored: 0, duplicates: 4 }));
+            sd.store(true, Ordering::SeqCst);
+            drop(h);
+            j.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn ids_that_leave_the_window_are_still_recognised_through_storage() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let store = Arc::new(MemStore::default());
-        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-        let (h, sd, j) = start(store.clone());
-        // Children first (trace-keyed run), then the named root merges it; then every signal again.
-        assert_eq!(
-            rt.block_on(h.submit(vec![sig(10, None, trace, 1.0), sig(11, None, trace, 1.0)])).unwrap().stored,
-            2
-        );
-        store.fail.store(true, Ordering::SeqCst);
-        assert!(rt.block_on(h.submit(vec![sig(12, Some("named"), trace, 1.0), sig(13, None, trace, 1.0)])).is_err());
-        store.fail.store(false, Ordering::SeqCst);
-        let o = rt.block_on(h.submit(vec![
-            sig(12, Some("named"), trace, 1.0),
-            sig(13, None, trace, 1.0),
-            sig(10, None, trace, 1.0),
-        ]));
-        assert_eq!(o, Ok(Outcome { stored: 2, duplicates: 1 }));
-        let all =
-            || (10..14).map(|i| sig(i, if i == 12 { Some("named") } else { None }, trace, 1.0)).collect::<Vec<_>>();
-        assert_eq!(rt.block_on(h.submit(all())), Ok(Outcome { stored: 0, duplicates: 4 }));
-        sd.store(true, Ordering::SeqCst);
-        drop(h);
-        j.join().unwrap();
-        let r = store.get_run(&key("named")).unwrap().unwrap();
-        assert_eq!((r.counts.get("ok"), r.signal_count), (Some(&4.0), 4));
-        // After a restart the set comes from storage.
-        let (h, sd, j) = start(store.clone());
-        assert_eq!(rt.block_on(h.submit(all())), Ok(Outcome { stored: 0, duplicates: 4 }));
+        let metrics = Arc::new(SelfMetrics::default());
+        let pipeline =
+            PipelineConfig { dedup_window: Duration::from_millis(200), tick: Duration::from_millis(5), ..Default::default() };
+        let (h, sd, j) = start_with(store.clone(), pipeline, metrics.clone());
+        let batch = |t0: i64| (1..=3).map(|id| sig_at(t0, id, Some("r"), "", 1.0)).collect::<Vec<_>>();
+        let t0 = crate::now_ns();
+        assert_eq!(rt.block_on(h.submit(batch(t0))), Ok(Outcome { stored: 3, duplicates: 0 }));
+        assert_eq!(rt.block_on(h.submit(batch(t0))), Ok(Outcome { stored: 0, duplicates: 3 }), "found in memory");
+        assert_eq!(store.old_reads.load(Ordering::SeqCst), 0, "signals within the window never ask storage");
+        // The tracker forgets the ids once the window has passed ...
+        let wait_for = |want: u64| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metrics.dedup_ids.load(Ordering::Relaxed) != want {
+                assert!(Instant::now() < deadline, "dedup_ids never became {want}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        wait_for(3);
+        wait_for(0);
+        // ... and still recognises them, from storage.
+        assert_eq!(rt.block_on(h.submit(batch(t0))), Ok(Outcome { stored: 0, duplicates: 3 }), "found in storage");
+        assert_eq!(store.old_reads.load(Ordering::SeqCst), 1, "one storage read for the run, not one per signal");
+        let r = store.get_run(&key("r")).unwrap().unwrap();
+        assert_eq!(r.signal_count, 3);
         sd.store(true, Ordering::SeqCst);
         drop(h);
         j.join().unwrap();

@@ -116,8 +116,10 @@ pub trait Store: Send + Sync + 'static {
     /// Runs that have not ended (the tracker keeps them in memory).
     fn load_open_runs(&self) -> Result<Vec<ProcessRun>, StorageError>;
     fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError>;
-    /// Identities of the signals already folded into a run (for de-duplication).
-    fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError>;
+    /// Identities and times (`time_ns`: the signal's earliest row time) of
+    /// the run's stored signals with `from_ns <= time_ns <= to_ns`, for
+    /// de-duplication (merged runs' signals count as the run's own).
+    fn signal_ids(&self, key: &RunKey, from_ns: i64, to_ns: i64) -> Result<Vec<(u128, i64)>, StorageError>;
     fn alias(&self, process: &str, trace_id: &str) -> Result<Option<String>, StorageError>;
     /// Newest successful end time per process.
     fn last_successes(&self) -> Result<Vec<(String, i64)>, StorageError>;
@@ -147,7 +149,7 @@ impl Store for NullStore {
     fn get_run(&self, _: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
         Ok(None)
     }
-    fn signal_ids(&self, _: &RunKey) -> Result<Vec<u128>, StorageError> {
+    fn signal_ids(&self, _: &RunKey, _: i64, _: i64) -> Result<Vec<(u128, i64)>, StorageError> {
         Ok(vec![])
     }
     fn alias(&self, _: &str, _: &str) -> Result<Option<String>, StorageError> {

@@ -302,12 +302,21 @@ impl SqliteStore {
         })
     }
 
-    fn committed_signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
+    fn committed_signal_ids(&self, key: &RunKey, from_ns: i64, to_ns: i64) -> Result<Vec<(u128, i64)>, StorageError> {
         self.read_committed(|c| {
-            let mut st =
-                c.prepare("SELECT DISTINCT signal_id FROM business_signals WHERE process = ?1 AND run_id = ?2")?;
-            let rows = st.query_map(params![key.process, key.run_id], |r| r.get::<_, String>(0))?;
-            rows.map(|s| parse_signal_id(&s?)).collect()
+            // The unique index (process, run_id, time_ns, signal_id) answers this alone.
+            let mut st = c.prepare_cached(
+                "SELECT signal_id, time_ns FROM business_signals
+                 WHERE process = ?1 AND run_id = ?2 AND time_ns BETWEEN ?3 AND ?4",
+            )?;
+            let rows = st.query_map(params![key.process, key.run_id, from_ns, to_ns], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            rows.map(|row| {
+                let (id, t) = row?;
+                Ok((parse_signal_id(&id)?, t))
+            })
+            .collect()
         })
     }
 
@@ -614,16 +623,21 @@ impl Store for SqliteStore {
         self.committed_run(key)
     }
 
-    fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
-        let Some(p) = self.flush_or_pending(|p| p.touches(key)) else { return self.committed_signal_ids(key) };
+    fn signal_ids(&self, key: &RunKey, from_ns: i64, to_ns: i64) -> Result<Vec<(u128, i64)>, StorageError> {
+        let Some(p) = self.flush_or_pending(|p| p.touches(key)) else {
+            return self.committed_signal_ids(key, from_ns, to_ns);
+        };
         let related = p.related(key);
-        let mut ids: HashSet<u128> = HashSet::new();
+        let mut ids: HashMap<u128, i64> = HashMap::new();
         for e in p.signals_of(&related) {
-            ids.insert(parse_signal_id(&e.signal_id)?);
+            let t = e.first_time_ns();
+            if (from_ns..=to_ns).contains(&t) {
+                ids.insert(parse_signal_id(&e.signal_id)?, t);
+            }
         }
         drop(p);
         for k in &related {
-            ids.extend(self.committed_signal_ids(k)?);
+            ids.extend(self.committed_signal_ids(k, from_ns, to_ns)?);
         }
         Ok(ids.into_iter().collect())
     }
@@ -910,7 +924,8 @@ mod tests {
         let events = store.run_events(&key, 10).unwrap();
         assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), vec!["log", "records"]);
         assert_eq!(events[1].value, Some(3.0));
-        assert_eq!(store.signal_ids(&key).unwrap(), vec![7]);
+        assert_eq!(store.signal_ids(&key, i64::MIN, i64::MAX).unwrap().len(), 1);
+        assert_eq!(store.signal_ids(&key, i64::MIN, i64::MAX).unwrap()[0].0, 7);
         drop(store);
         let c = Connection::open(&db).unwrap();
         let (signals, rows): (i64, i64) = c
@@ -973,7 +988,8 @@ mod tests {
         let r2 = RunKey { process: "import".into(), run_id: "r2".into() };
         assert_eq!(store.get_run(&r1).unwrap().unwrap().signal_count, 2);
         assert!(store.get_run(&r2).unwrap().is_some());
-        let mut ids = store.signal_ids(&r1).unwrap();
+        let mut ids: Vec<u128> =
+            store.signal_ids(&r1, i64::MIN, i64::MAX).unwrap().into_iter().map(|(id, _)| id).collect();
         ids.sort();
         assert_eq!(ids, vec![1, 2]);
         assert_eq!(store.run_events(&r1, 10).unwrap().len(), 2);

@@ -40,7 +40,8 @@ struct Pending {
     runs: HashMap<RunKey, (u64, Arc<ProcessRun>)>,
     deleted: HashMap<RunKey, u64>,
     aliases: HashMap<(String, String), (u64, String)>,
-    signals: HashMap<RunKey, (u64, HashSet<u128>)>,
+    /// Per run: (last spool sequence, signal id → time).
+    signals: HashMap<RunKey, (u64, HashMap<u128, i64>)>,
 }
 
 impl Pending {
@@ -50,7 +51,7 @@ impl Pending {
             let slot = self.signals.entry(key).or_default();
             slot.0 = seq;
             if let Ok(id) = u128::from_str_radix(&e.signal_id, 16) {
-                slot.1.insert(id);
+                slot.1.insert(id, e.first_time_ns());
             }
         }
         for (from, _) in &b.merges {
@@ -665,25 +666,29 @@ impl Store for ClickHouseStore {
         self.degrade(self.query_runs(&f).map(|r| r.into_iter().next()), None)
     }
 
-    fn signal_ids(&self, key: &RunKey) -> Result<Vec<u128>, StorageError> {
-        let ids: Result<Vec<String>, StorageError> = self
+    fn signal_ids(&self, key: &RunKey, from_ns: i64, to_ns: i64) -> Result<Vec<(u128, i64)>, StorageError> {
+        let ids: Result<Vec<(String, i64)>, StorageError> = self
             .block(
                 self.client()
-                    .query("SELECT DISTINCT signal_id FROM business_events WHERE process = ? AND run_id = ?")
+                    .query(
+                        "SELECT signal_id, toUnixTimestamp64Nano(min(time)) AS t FROM business_events
+                         WHERE process = ? AND run_id = ? GROUP BY signal_id HAVING t BETWEEN ? AND ?",
+                    )
                     .bind(&key.process)
                     .bind(&key.run_id)
+                    .bind(from_ns)
+                    .bind(to_ns)
                     .fetch_all(),
             )
             .map_err(|e| self.read_err(e));
         let ids = self.degrade(ids, Vec::new())?;
-        let mut out: HashSet<u128> = HashSet::new();
-        for s in ids {
-            out.insert(
-                u128::from_str_radix(&s, 16).map_err(|_| StorageError::Corrupt(format!("bad signal id {s:?}")))?,
-            );
+        let mut out: HashMap<u128, i64> = HashMap::new();
+        for (s, t) in ids {
+            let id = u128::from_str_radix(&s, 16).map_err(|_| StorageError::Corrupt(format!("bad signal id {s:?}")))?;
+            out.insert(id, t);
         }
         if let Some((_, pending)) = self.pending().signals.get(key) {
-            out.extend(pending.iter().copied());
+            out.extend(pending.iter().filter(|(_, t)| (from_ns..=to_ns).contains(*t)).map(|(id, t)| (*id, *t)));
         }
         Ok(out.into_iter().collect())
     }
