@@ -615,7 +615,9 @@ impl Config {
         if self.pipeline.max_batches_per_commit == 0 {
             return Err(ConfigError::at(file, "pipeline.max_batches_per_commit", "must be greater than zero"));
         }
-        if self.pipeline.dedup_window < Duration::from_millis(1) || self.pipeline.dedup_window > Duration::from_secs(7 * 86_400) {
+        if self.pipeline.dedup_window < Duration::from_millis(1)
+            || self.pipeline.dedup_window > Duration::from_secs(7 * 86_400)
+        {
             return Err(ConfigError::at(file, "pipeline.dedup_window", "must be between 1ms and 7d"));
         }
         if self.pipeline.tick.is_zero() {

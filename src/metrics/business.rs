@@ -446,7 +446,9 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
     meter
         .i64_observable_gauge("bizsignal.dedup.ids")
         .with_unit("{signal}")
-        .with_description("Signal ids held in memory for de-duplication (the signals of the last pipeline.dedup_window).")
+        .with_description(
+            "Signal ids held in memory for de-duplication (the signals of the last pipeline.dedup_window).",
+        )
         .with_callback(move |o| o.observe(mm.dedup_ids.load(Relaxed) as i64, &[]))
         .build();
     let mm = m.clone();

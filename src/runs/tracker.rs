@@ -476,7 +476,12 @@ impl Tracker {
         let t = signal_time(s);
         // Runs this commit merged into `key`: their stored signals count as its own.
         let merged: Vec<RunKey> = if t < work.horizon {
-            work.batch.merges.iter().filter(|(from, to)| *to == key.run_id && from.process == key.process).map(|(from, _)| from.clone()).collect()
+            work.batch
+                .merges
+                .iter()
+                .filter(|(from, to)| *to == key.run_id && from.process == key.process)
+                .map(|(from, _)| from.clone())
+                .collect()
         } else {
             Vec::new()
         };
@@ -885,16 +890,7 @@ mod tests {
         metrics: Arc<SelfMetrics>,
     ) -> (TrackerHandle, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
         let sd = Arc::new(AtomicBool::new(false));
-        let (h, j) = Tracker::start(
-            store,
-            BTreeMap::new(),
-            pipeline,
-            metrics,
-            vec![],
-            usize::MAX,
-            sd.clone(),
-        )
-        .unwrap();
+        let (h, j) = Tracker::start(store, BTreeMap::new(), pipeline, metrics, vec![], usize::MAX, sd.clone()).unwrap();
         (h, sd, j)
     }
 
@@ -951,7 +947,9 @@ mod tests {
                 2
             );
             store.fail.store(true, Ordering::SeqCst);
-            assert!(rt.block_on(h.submit(vec![sig(12, Some("named"), trace, 1.0), sig(13, None, trace, 1.0)])).is_err());
+            assert!(rt
+                .block_on(h.submit(vec![sig(12, Some("named"), trace, 1.0), sig(13, None, trace, 1.0)]))
+                .is_err());
             store.fail.store(false, Ordering::SeqCst);
             let o = rt.block_on(h.submit(vec![
                 sig(12, Some("named"), trace, 1.0),
@@ -981,8 +979,11 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let store = Arc::new(MemStore::default());
         let metrics = Arc::new(SelfMetrics::default());
-        let pipeline =
-            PipelineConfig { dedup_window: Duration::from_millis(200), tick: Duration::from_millis(5), ..Default::default() };
+        let pipeline = PipelineConfig {
+            dedup_window: Duration::from_millis(200),
+            tick: Duration::from_millis(5),
+            ..Default::default()
+        };
         let (h, sd, j) = start_with(store.clone(), pipeline, metrics.clone());
         let batch = |t0: i64| (1..=3).map(|id| sig_at(t0, id, Some("r"), "", 1.0)).collect::<Vec<_>>();
         let t0 = crate::now_ns();
