@@ -56,6 +56,12 @@ struct Shared {
     wake: Condvar,
     /// Held for a whole flush, so batches reach SQLite in journal order.
     flushing: Mutex<()>,
+    /// The batches a flush in progress is applying: taken out of `pending`,
+    /// not yet committed. Set and cleared with `pending` locked, so a reader
+    /// holding `pending` sees each batch in `pending`, here, or (once this is
+    /// cleared after the commit) in SQLite — without waiting for the flush,
+    /// which can take up to the busy timeout while the database is locked.
+    inflight: Mutex<Option<Arc<Pending>>>,
     stop: AtomicBool,
     commit_interval: Duration,
     metrics: Option<Arc<SelfMetrics>>,
@@ -228,6 +234,7 @@ impl SqliteStore {
             encode_buf: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             flushing: Mutex::new(()),
+            inflight: Mutex::new(None),
             stop: AtomicBool::new(false),
             commit_interval: cfg.commit_interval,
             metrics,
@@ -424,10 +431,15 @@ impl Shared {
 
     /// [`flush`](Self::flush) for a caller that holds `flushing`.
     fn flush_in_order(&self, _order: &MutexGuard<'_, ()>) -> Result<(), StorageError> {
-        let p = std::mem::take(&mut *lock(&self.pending));
-        if p.is_empty() {
-            return Ok(());
-        }
+        let p = {
+            let mut pending = lock(&self.pending);
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let p = Arc::new(std::mem::take(&mut *pending));
+            *lock(&self.inflight) = Some(p.clone());
+            p
+        };
         let started = std::time::Instant::now();
         let res = (|| -> Result<(), StorageError> {
             let mut c = lock(&self.writer);
@@ -442,6 +454,7 @@ impl Shared {
         }
         match res {
             Ok(()) => {
+                lock(&self.inflight).take();
                 if let Err(e) = self.journal.ack(p.last_seq) {
                     // SQLite knows what it applied; a replay skips it.
                     tracing::warn!(error = %e, "could not trim the journal");
@@ -451,6 +464,9 @@ impl Shared {
             }
             Err(e) => {
                 let mut cur = lock(&self.pending);
+                lock(&self.inflight).take();
+                // Readers only borrow the in-flight batches under `pending`, which we hold.
+                let p = Arc::into_inner(p).expect("no other owner of the in-flight batches");
                 let newer = std::mem::replace(&mut *cur, p);
                 let seq = newer.last_seq;
                 cur.absorb(seq, newer.batch, newer.states);
@@ -623,19 +639,30 @@ impl Store for SqliteStore {
         self.committed_run(key)
     }
 
+    /// Never flushes or waits for a flush: the tracker asks this on its
+    /// commit path (for signals older than its de-duplication window).
     fn signal_ids(&self, key: &RunKey, from_ns: i64, to_ns: i64) -> Result<Vec<(u128, i64)>, StorageError> {
-        let Some(p) = self.flush_or_pending(|p| p.touches(key)) else {
-            return self.committed_signal_ids(key, from_ns, to_ns);
-        };
-        let related = p.related(key);
         let mut ids: HashMap<u128, i64> = HashMap::new();
-        for e in p.signals_of(&related) {
-            let t = e.first_time_ns();
-            if (from_ns..=to_ns).contains(&t) {
-                ids.insert(parse_signal_id(&e.signal_id)?, t);
+        let mut related = vec![key.clone()];
+        {
+            let p = lock(&self.shared.pending);
+            let inflight = lock(&self.shared.inflight);
+            for batches in std::iter::once(&*p).chain(inflight.as_deref()) {
+                for k in batches.related(key) {
+                    if !related.contains(&k) {
+                        related.push(k);
+                    }
+                }
+            }
+            for batches in std::iter::once(&*p).chain(inflight.as_deref()) {
+                for e in batches.signals_of(&related) {
+                    let t = e.first_time_ns();
+                    if (from_ns..=to_ns).contains(&t) {
+                        ids.insert(parse_signal_id(&e.signal_id)?, t);
+                    }
+                }
             }
         }
-        drop(p);
         for k in &related {
             ids.extend(self.committed_signal_ids(k, from_ns, to_ns)?);
         }
