@@ -1,9 +1,10 @@
 //! `bizsignal loadgen`: an OTLP load generator for benchmarks and smoke tests.
 //!
 //! Requests are encoded once, up front (`--templates` distinct bodies); before
-//! each send only the span ids are patched in place (a per-request sequence
-//! number), so every span the server sees is new (de-duplication cannot make
-//! the run cheap) while the generator itself spends almost nothing per span.
+//! each send only the span ids (a per-request sequence number) and the
+//! timestamps (the clock) are patched in place, so every span the server sees
+//! is new and current (de-duplication cannot make the run cheap, nor old
+//! timestamps make it dearer) while the generator spends almost nothing per span.
 //! gRPC goes through tonic with a pass-through codec (the body is already
 //! protobuf), HTTP through reqwest with `application/x-protobuf`.
 //!
@@ -150,11 +151,19 @@ impl Report {
 struct Template {
     body: Vec<u8>,
     id_offsets: Vec<usize>,
+    /// Where the start (span) and end/record times (fixed64) sit: rewritten
+    /// with the clock at each send, so signals are as fresh as real traffic
+    /// (a server de-duplicates old signals differently from new ones).
+    start_offsets: Vec<usize>,
+    end_offsets: Vec<usize>,
     records: u64,
     business: u64,
 }
 
 const MARKER: u64 = 0xA5C3_0000_0000_0000;
+/// Placeholder times in a template, replaced at each send.
+const START_MARK: u64 = 0x1A2B_3C4D_5E6F_7A01;
+const END_MARK: u64 = 0x1A2B_3C4D_5E6F_7A02;
 
 fn kv(k: &str, v: Value) -> KeyValue {
     KeyValue { key: k.to_string(), value: Some(AnyValue { value: Some(v) }), ..Default::default() }
@@ -245,7 +254,6 @@ fn resource(service: &str) -> Option<Resource> {
 }
 
 fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
-    let now = crate::now_ns() as u64;
     let mut business = 0;
     let mut ids = Vec::with_capacity(o.batch);
     let mut is_business = |rng: &mut Rng| {
@@ -275,8 +283,8 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
                     parent_span_id: rng.next().to_be_bytes().to_vec(),
                     name: if b { "reconcile batch".into() } else { "GET /api/orders/{id}".into() },
                     kind: SpanKind::Server as i32,
-                    start_time_unix_nano: now - 2_000_000,
-                    end_time_unix_nano: now,
+                    start_time_unix_nano: START_MARK,
+                    end_time_unix_nano: END_MARK,
                     attributes,
                     status: Some(SpanStatus { code: StatusCode::Ok as i32, message: String::new() }),
                     ..Default::default()
@@ -306,8 +314,8 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
                 ids.push(id);
                 let b = is_business(rng);
                 records.push(LogRecord {
-                    time_unix_nano: now,
-                    observed_time_unix_nano: now,
+                    time_unix_nano: END_MARK,
+                    observed_time_unix_nano: END_MARK,
                     severity_number: 9,
                     severity_text: "INFO".into(),
                     body: Some(AnyValue { value: Some(s(if b { "batch reconciled" } else { "request served" })) }),
@@ -333,15 +341,27 @@ fn build_template(t: usize, o: &LoadgenOptions, rng: &mut Rng) -> Template {
         let pos = body.windows(8).position(|w| w == needle).expect("span id in the encoded body");
         id_offsets.push(pos);
     }
-    Template { body, id_offsets, records: o.batch as u64, business }
+    let find = |mark: u64| -> Vec<usize> {
+        let needle = mark.to_le_bytes();
+        body.windows(8).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect()
+    };
+    let (start_offsets, end_offsets) = (find(START_MARK), find(END_MARK));
+    Template { body, id_offsets, start_offsets, end_offsets, records: o.batch as u64, business }
 }
 
-/// Writes fresh span ids for request `seq` into a copy of the template.
+/// Writes fresh span ids for request `seq` and the current time into a copy
+/// of the template (spans last 2 ms and end now).
 fn instantiate(t: &Template, seq: u64) -> Bytes {
     let mut body = t.body.clone();
     for (i, &off) in t.id_offsets.iter().enumerate() {
         let id = (1u64 << 63) | ((seq & 0x7F_FFFF_FFFF) << 20) | (i as u64 & 0xF_FFFF);
         body[off..off + 8].copy_from_slice(&id.to_be_bytes());
+    }
+    let end = crate::now_ns() as u64;
+    for (offsets, time) in [(&t.start_offsets, end - 2_000_000), (&t.end_offsets, end)] {
+        for &off in offsets {
+            body[off..off + 8].copy_from_slice(&time.to_le_bytes());
+        }
     }
     Bytes::from(body)
 }
@@ -675,4 +695,44 @@ pub fn sample_request(signal: Signal, batch: usize, business_ratio: f64, seed: u
     };
     let t = build_template(0, &o, &mut Rng(seed | 1));
     (instantiate(&t, seed.max(1)).to_vec(), t.business)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: LoadgenOptions,
+    }
+
+    #[test]
+    fn each_send_carries_new_span_ids_and_the_current_time() {
+        for signal in ["traces", "logs"] {
+            let cli = Cli::parse_from(["loadgen", "--endpoint", "http://x", "--signal", signal, "--batch", "20"]);
+            let t = build_template(0, &cli.o, &mut Rng(42));
+            let before = crate::now_ns() as u64;
+            let (a, b) = (instantiate(&t, 1), instantiate(&t, 2));
+            let after = crate::now_ns() as u64;
+            let fresh = |x: u64| (before..=after).contains(&x);
+            if signal == "traces" {
+                let (ra, rb) =
+                    (ExportTraceServiceRequest::decode(a).unwrap(), ExportTraceServiceRequest::decode(b).unwrap());
+                let (sa, sb) = (&ra.resource_spans[0].scope_spans[0].spans, &rb.resource_spans[0].scope_spans[0].spans);
+                assert_eq!(sa.len(), 20);
+                for (x, y) in sa.iter().zip(sb) {
+                    assert_ne!(x.span_id, y.span_id);
+                    assert!(fresh(x.end_time_unix_nano) && fresh(y.end_time_unix_nano), "{}", x.end_time_unix_nano);
+                    assert_eq!(x.start_time_unix_nano, x.end_time_unix_nano - 2_000_000);
+                }
+            } else {
+                let r = ExportLogsServiceRequest::decode(a).unwrap();
+                let logs = &r.resource_logs[0].scope_logs[0].log_records;
+                assert_eq!(logs.len(), 20);
+                assert!(logs.iter().all(|l| fresh(l.time_unix_nano) && l.observed_time_unix_nano == l.time_unix_nano));
+            }
+        }
+    }
 }

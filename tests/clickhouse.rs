@@ -190,6 +190,13 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
         });
     }
     assert_eq!(counts(&rt), "{'ok':22}\t3", "the repeated block was dropped");
+    // Signal ids with their earliest time, whole and by range (the tracker's
+    // de-duplication of signals older than its window).
+    let key = run.key();
+    let mut ids = store.signal_ids(&key, i64::MIN, i64::MAX).unwrap();
+    ids.sort();
+    assert_eq!(ids, vec![(1, t), (3, t + 1), (5, t + 2)]);
+    assert_eq!(store.signal_ids(&key, t + 1, t + 1).unwrap(), vec![(3, t + 1)], "range, both ends included");
     assert_eq!(store.get_run(&run.key()).unwrap().unwrap().counts.get("ok"), Some(&22.0));
 }
 
@@ -264,6 +271,23 @@ async fn server_on_clickhouse_rides_out_an_outage() {
         assert_eq!(st, 200, "request {i} during the outage: {body}");
     }
     assert!(spool_records() >= 10, "spool grows: {}", spool_records());
+    // A signal stamped an hour ago is older than the de-duplication window:
+    // whether it is a duplicate only ClickHouse can say, so it is refused
+    // (retryably) rather than risk counting it twice; after the outage it is taken.
+    let late_body = logs_json(
+        "importer",
+        &[(
+            now() - 3_600_000_000_000,
+            "late",
+            vec![
+                ("business.process.name", s("import")),
+                ("business.run.id", s("before")),
+                ("business.records.ok", n(100)),
+            ],
+        )],
+    );
+    let (st, body) = srv.post_json("/v1/logs", &late_body).await;
+    assert_eq!(st, 503, "late signal during the outage: {body}");
     let (_, metrics) = (0, srv.http.get(srv.api("/metrics")).send().await.unwrap().text().await.unwrap());
     assert!(metrics.contains("bizsignal_clickhouse_spool_oldest_age_seconds"), "{metrics}");
     tokio::task::block_in_place(|| chs.restart());
@@ -274,6 +298,12 @@ async fn server_on_clickhouse_rides_out_an_outage() {
     }
     let v = srv.wait_run("import", "during", Duration::from_secs(30), |v| v["counts"]["ok"] == 55.0).await;
     assert_eq!(v["signal_count"], 10, "{v}");
+    for _ in 0..2 {
+        let (st, body) = srv.post_json("/v1/logs", &late_body).await;
+        assert_eq!(st, 200, "late signal after the outage: {body}");
+    }
+    let v = srv.wait_run("import", "before", Duration::from_secs(30), |v| v["counts"]["ok"] == 105.0).await;
+    assert_eq!(v["signal_count"], 2, "the late signal counted once: {v}");
     let q = format!("SELECT count(), uniqExact(event_id) FROM {db}.business_events WHERE run_id = 'during'");
     assert_eq!(chs.tsv(&q).await.trim(), "20\t20", "every signal exactly once");
     srv.stop().await;

@@ -118,7 +118,9 @@ pub trait Store: Send + Sync + 'static {
     fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError>;
     /// Identities and times (`time_ns`: the signal's earliest row time) of
     /// the run's stored signals with `from_ns <= time_ns <= to_ns`, for
-    /// de-duplication (merged runs' signals count as the run's own).
+    /// de-duplication (merged runs' signals count as the run's own). With a
+    /// bounded `to_ns` (the tracker checking signals older than its window) a
+    /// backend must answer completely or fail, never from a partial view.
     fn signal_ids(&self, key: &RunKey, from_ns: i64, to_ns: i64) -> Result<Vec<(u128, i64)>, StorageError>;
     fn alias(&self, process: &str, trace_id: &str) -> Result<Option<String>, StorageError>;
     /// Newest successful end time per process.

@@ -681,7 +681,12 @@ impl Store for ClickHouseStore {
                     .fetch_all(),
             )
             .map_err(|e| self.read_err(e));
-        let ids = self.degrade(ids, Vec::new())?;
+        // Loading a run's recent ids (`to_ns` open) may fall back to the spool
+        // like the other tracker reads; checking a signal older than the
+        // tracker's window may not — answering "not stored" while ClickHouse
+        // is unreachable would count a late duplicate twice, so that commit
+        // fails and the client retries.
+        let ids = if to_ns == i64::MAX { self.degrade(ids, Vec::new())? } else { ids? };
         let mut out: HashMap<u128, i64> = HashMap::new();
         for (s, t) in ids {
             let id = u128::from_str_radix(&s, 16).map_err(|_| StorageError::Corrupt(format!("bad signal id {s:?}")))?;
