@@ -167,6 +167,11 @@ impl DedupWindow {
         self.horizon(now).div_euclid(self.bucket_ns)
     }
 
+    /// The earliest time bucket `b` holds.
+    pub fn bucket_start(&self, b: i64) -> i64 {
+        b.saturating_mul(self.bucket_ns)
+    }
+
     /// The in-window ids among `ids` (id, signal time), bucketed.
     pub fn recent(&self, ids: impl IntoIterator<Item = (u128, i64)>, now: i64) -> RecentIds {
         let mut r = RecentIds::default();

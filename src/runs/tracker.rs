@@ -365,7 +365,8 @@ impl Tracker {
 
     fn commit(&mut self, batch: Vec<Submission>) {
         let now = crate::now_ns();
-        let horizon = self.window.horizon(now);
+        // Never below what the last sweep forgot, even if the wall clock stepped back.
+        let horizon = self.window.horizon(now).max(self.window.bucket_start(self.swept));
         let oldest = batch.iter().flat_map(|s| &s.signals).map(signal_time).filter(|t| *t < horizon).min();
         let mut work = Work { now, horizon, oldest: oldest.unwrap_or(horizon), ..Work::default() };
         let mut outcomes = Vec::with_capacity(batch.len());
