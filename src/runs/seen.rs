@@ -212,6 +212,8 @@ impl RecentIds {
             None => {
                 let mut s = SeenIds::default();
                 s.insert(id);
+                // Most runs have one bucket: one slot, not the default four (192 bytes).
+                self.buckets.reserve_exact(1);
                 self.buckets.push((bucket, s));
                 true
             }
