@@ -976,6 +976,19 @@ mod tests {
     }
 
     #[test]
+    fn the_deduplication_time_is_the_time_storage_keeps() {
+        // The tracker computes it before the record exists; the two must not drift apart.
+        let mut s = sig_at(OLD, 7, Some("r"), "", 1.0);
+        for (start, end, facts) in [(10, 20, true), (30, 20, true), (10, 20, false), (30, 20, false)] {
+            (s.start_ns, s.time_ns) = (start, end);
+            if !facts {
+                s.facts.clear();
+            }
+            assert_eq!(signal_time(&s), SignalRecord::from_signal(&s, "r").first_time_ns(), "{start} {end} {facts}");
+        }
+    }
+
+    #[test]
     fn ids_that_leave_the_window_are_still_recognised_through_storage() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let store = Arc::new(MemStore::default());
