@@ -116,10 +116,15 @@ impl Signal {
 
 /// Deterministic event id: the signal identity plus the fact's position.
 pub fn event_id(signal_id: u128, seq: u32) -> String {
+    crate::storage::record::hex128(event_id_hash(signal_id, seq))
+}
+
+/// [`event_id`] before hex encoding.
+pub fn event_id_hash(signal_id: u128, seq: u32) -> u128 {
     let mut buf = [0u8; 20];
     buf[..16].copy_from_slice(&signal_id.to_le_bytes());
     buf[16..].copy_from_slice(&seq.to_le_bytes());
-    crate::storage::record::hex128(xxhash_rust::xxh3::xxh3_128(&buf))
+    xxhash_rust::xxh3::xxh3_128(&buf)
 }
 
 /// The identity of a process run.

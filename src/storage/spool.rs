@@ -43,10 +43,10 @@ pub enum SpoolError {
 /// One spool record: a tracker commit, its events grouped by signal
 /// (`signals`, see [`super::record`]). Records with a plain `events` list
 /// (older spools) decode into the same grouped form.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct SpoolBatch {
     pub written_ns: i64,
-    #[serde(default, skip_serializing)]
+    #[serde(default)]
     events: Vec<BusinessEvent>,
     #[serde(default)]
     pub signals: Vec<SignalRecord>,
@@ -54,17 +54,6 @@ pub struct SpoolBatch {
     pub merges: Vec<(RunKey, String)>,
     pub aliases: Vec<(String, String, String)>,
     pub process_violations: Vec<(String, Violation)>,
-}
-
-#[derive(Serialize)]
-struct SpoolBatchRef<'a, R: Serialize> {
-    written_ns: i64,
-    signals: &'a [SignalRecord],
-    /// Run states: the runs, or their JSON made beforehand.
-    runs: &'a [R],
-    merges: &'a [(RunKey, String)],
-    aliases: &'a [(String, String, String)],
-    process_violations: &'a [(String, Violation)],
 }
 
 impl SpoolBatch {
@@ -88,15 +77,26 @@ impl SpoolBatch {
     pub fn encode_with_states<R: Serialize>(b: &WriteBatch, states: &[R], buf: &mut Vec<u8>) {
         debug_assert_eq!(states.len(), b.runs.len());
         buf.clear();
-        let rec = SpoolBatchRef {
-            written_ns: crate::now_ns(),
-            signals: &b.signals,
-            runs: states,
-            merges: &b.merges,
-            aliases: &b.aliases,
-            process_violations: &b.process_violations,
-        };
-        serde_json::to_writer(&mut *buf, &rec).expect("a write batch serializes");
+        // By hand around the signals: each embeds its JSON fields as they
+        // are (`SignalRecord::write_json`); the rest through serde.
+        buf.extend_from_slice(b"{\"written_ns\":");
+        json(buf, &crate::now_ns());
+        buf.extend_from_slice(b",\"signals\":[");
+        for (i, s) in b.signals.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            s.write_json(buf);
+        }
+        buf.extend_from_slice(b"],\"runs\":");
+        json(buf, states);
+        buf.extend_from_slice(b",\"merges\":");
+        json(buf, &b.merges);
+        buf.extend_from_slice(b",\"aliases\":");
+        json(buf, &b.aliases);
+        buf.extend_from_slice(b",\"process_violations\":");
+        json(buf, &b.process_violations);
+        buf.push(b'}');
     }
 
     pub fn decode(payload: &[u8]) -> Result<SpoolBatch, serde_json::Error> {
@@ -127,6 +127,11 @@ impl SpoolBatch {
             process_violations: self.process_violations,
         }
     }
+}
+
+/// Appends a value's JSON.
+fn json<T: Serialize + ?Sized>(buf: &mut Vec<u8>, v: &T) {
+    serde_json::to_writer(&mut *buf, v).expect("a write batch serializes");
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {

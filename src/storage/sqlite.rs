@@ -360,8 +360,8 @@ impl SqliteStore {
                     trace_id: r.get(4)?,
                     span_id: r.get(5)?,
                     attributes: r.get(6)?,
-                    resource: r.get(7)?,
-                    rows: serde_json::from_str(&r.get::<_, String>(8)?).map_err(corrupt)?,
+                    resource: r.get::<_, String>(7)?.into(),
+                    rows: super::record::Rows::from_json(r.get(8)?).map_err(corrupt)?,
                 };
                 out.extend(rec.expand());
                 if out.len() >= limit {
@@ -540,7 +540,6 @@ fn apply(tx: &Transaction, b: &WriteBatch, states: &[Box<RawValue>]) -> Result<(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         for r in &b.signals {
-            let rows = serde_json::to_string(&r.rows).map_err(corrupt)?;
             ins.execute(params![
                 r.signal_id,
                 r.process,
@@ -550,8 +549,8 @@ fn apply(tx: &Transaction, b: &WriteBatch, states: &[Box<RawValue>]) -> Result<(
                 r.trace_id,
                 r.span_id,
                 r.attributes,
-                r.resource,
-                rows
+                &*r.resource,
+                r.rows.json()
             ])?;
         }
         // After the inserts, so nothing of a merged run stays behind under its trace id.
