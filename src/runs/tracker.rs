@@ -342,10 +342,21 @@ impl Tracker {
             match rx.recv_timeout(wait) {
                 Ok(first) => {
                     let mut batch = vec![first];
+                    let linger = Instant::now() + self.pipeline.commit_linger;
                     while batch.len() < self.pipeline.max_batches_per_commit {
                         match rx.try_recv() {
                             Ok(s) => batch.push(s),
-                            Err(_) => break,
+                            Err(_) => {
+                                // Wait a little for more (pipeline.commit_linger), never past shutdown.
+                                let left = linger.saturating_duration_since(Instant::now());
+                                if left.is_zero() || shutdown.load(Ordering::Acquire) {
+                                    break;
+                                }
+                                match rx.recv_timeout(left) {
+                                    Ok(s) => batch.push(s),
+                                    Err(_) => break,
+                                }
+                            }
                         }
                     }
                     self.metrics.queue_depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
@@ -922,6 +933,33 @@ mod tests {
 
     fn key(run: &str) -> RunKey {
         RunKey { process: "p".into(), run_id: run.into() }
+    }
+
+    #[test]
+    fn commit_linger_groups_a_batch_that_arrives_while_the_first_waits() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let store = Arc::new(MemStore::default());
+        let metrics = Arc::new(SelfMetrics::default());
+        let pipeline = PipelineConfig { commit_linger: Duration::from_secs(2), ..PipelineConfig::default() };
+        let (h, sd, j) = start_with(store, pipeline, metrics.clone());
+        let t0 = crate::now_ns();
+        let started = Instant::now();
+        let (a, b) = rt.block_on(async {
+            let first = tokio::spawn({
+                let h = h.clone();
+                async move { h.submit(vec![sig_at(t0, 1, Some("r"), "", 1.0)]).await }
+            });
+            // A gap no commit without a linger would wait for.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let second = h.submit(vec![sig_at(t0, 2, Some("r"), "", 1.0)]).await;
+            (first.await.unwrap(), second)
+        });
+        assert_eq!((a.unwrap().stored, b.unwrap().stored), (1, 1));
+        assert_eq!(metrics.storage_commits.load(Ordering::Relaxed), 1, "both batches in one commit");
+        assert!(started.elapsed() >= Duration::from_secs(2), "the first batch waited for the linger");
+        sd.store(true, Ordering::Release);
+        drop(h);
+        j.join().unwrap();
     }
 
     #[test]
