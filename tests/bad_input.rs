@@ -336,3 +336,38 @@ async fn database_outage_fills_the_journal_then_refuses_retryably_and_keeps_ackn
     assert_eq!(r.status().as_u16(), 200);
     srv.stop().await;
 }
+
+/// OTLP/HTTP protobuf is decoded lazily, as gRPC is: a span without business
+/// meaning is counted and dropped without being decoded, so a broken string
+/// in one (invalid UTF-8, which a whole decode refuses for the entire
+/// request) does not cost the business span beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_does_not_decode_spans_without_business_meaning() {
+    let srv = Server::start().await;
+    let json = format!(
+        r#"{{"resourceSpans":[{{"resource":{{"attributes":[{{"key":"service.name","value":{{"stringValue":"shop"}}}}]}},
+        "scopeSpans":[{{"spans":[
+          {{"traceId":"0af7651916cd43dd8448eb211c80319c","spanId":"b7ad6b7169203331","name":"import",
+            "startTimeUnixNano":"{t0}","endTimeUnixNano":"{t1}","attributes":[
+              {{"key":"business.process.name","value":{{"stringValue":"lazyhttp"}}}},
+              {{"key":"business.run.id","value":{{"stringValue":"r1"}}}},
+              {{"key":"business.records.ok","value":{{"intValue":"3"}}}}]}},
+          {{"traceId":"0af7651916cd43dd8448eb211c80319d","spanId":"b7ad6b7169203332","name":"GET /",
+            "startTimeUnixNano":"{t0}","endTimeUnixNano":"{t1}","attributes":[
+              {{"key":"http.route","value":{{"stringValue":"MARKMARK"}}}}]}}]}}]}}]}}"#,
+        t0 = T0,
+        t1 = T0 + 1_000_000
+    );
+    let req = bizsignal::receivers::http::decode_json::<ExportTraceServiceRequest>(json.as_bytes()).unwrap();
+    let mut pb = req.encode_to_vec();
+    let at = pb.windows(8).position(|w| w == b"MARKMARK").expect("marker in the encoding");
+    pb[at..at + 8].copy_from_slice(&[0xff; 8]);
+    assert!(ExportTraceServiceRequest::decode(pb.as_slice()).is_err(), "a whole decode refuses the request");
+
+    let (st, _, body) = post(&srv, "/v1/traces", "application/x-protobuf", None, pb).await;
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(srv.run("lazyhttp", "r1").await.expect("stored")["counts"]["ok"], 3);
+    let m = srv.http.get(srv.api("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains("bizsignal_spans_received_total 2"), "{m}");
+    srv.stop().await;
+}

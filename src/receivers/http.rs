@@ -181,9 +181,8 @@ impl HttpReceiver {
             }
         }
         let msg = match encoding {
-            Encoding::Protobuf => {
-                T::decode(data).map(T::whole).map_err(|e| format!("body is not a valid OTLP protobuf message: {e}"))
-            }
+            Encoding::Protobuf => T::decode_lazy(data, self.intake.classifier.has_rules())
+                .map_err(|e| format!("body is not a valid OTLP protobuf message: {e}")),
             Encoding::Json => decode_json::<T>(&data).map(T::whole),
         };
         msg.map(|m| (m, encoding)).map_err(|m| {
