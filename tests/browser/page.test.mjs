@@ -5,7 +5,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync } from "node:fs";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -15,10 +15,10 @@ const ROOT = resolve(import.meta.dirname, "../..");
 const BIN = process.env.BIZSIGNAL_BIN || join(ROOT, "target/debug/bizsignal");
 const SHOTS = join(ROOT, "target/screenshots");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-let server, browser, grpc, http;
+let server, browser, grpc, http, dataDir;
 
 function startServer() {
-  const dir = mkdtempSync(join(tmpdir(), "bizsignal-page-"));
+  const dir = (dataDir = mkdtempSync(join(tmpdir(), "bizsignal-page-")));
   const child = spawn(BIN, ["serve", "--otlp-grpc", "127.0.0.1:0", "--otlp-http", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir", dir], {
     env: { ...process.env, RUST_LOG: "info" },
     stdio: ["ignore", "ignore", "pipe"],
@@ -55,7 +55,13 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  server?.kill("SIGTERM");
+  if (server && server.exitCode === null) {
+    const exited = new Promise(ok => server.once("exit", ok));
+    server.kill("SIGTERM");
+    await exited;
+  }
+  // The server's data dir (each run left one in the temp dir before).
+  if (dataDir) rmSync(dataDir, { recursive: true, force: true });
 });
 
 test("board shows the demo's processes and a status change arrives without reload", async () => {
