@@ -15,15 +15,16 @@ use crate::storage::record::{ResourceMemo, SignalRecord};
 use crate::storage::{StorageError, Store, WriteBatch};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Maps keyed by process and run ids (client input): foldhash, randomly
-/// seeded per process, instead of SipHash, which was ≈ 4 % of the tracker
-/// thread in lookups alone.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, oneshot};
+
+/// Maps keyed by process and run ids (client input): foldhash, randomly
+/// seeded per process, instead of SipHash, which was ≈ 4 % of the tracker
+/// thread in lookups alone.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Terminal runs stay in memory this long after their last signal (late
 /// milestones are common right after the end); later ones are reloaded on demand.
