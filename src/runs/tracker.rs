@@ -14,7 +14,6 @@ use crate::signal::{RunKey, Signal};
 use crate::storage::record::{ResourceMemo, SignalRecord};
 use crate::storage::{StorageError, Store, WriteBatch};
 use std::collections::{BTreeMap, HashMap, HashSet};
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
