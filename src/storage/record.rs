@@ -60,8 +60,9 @@ impl Rows {
         serde_json::from_str(&self.json).unwrap_or_default()
     }
 
-    /// Appends a row (tests and fixtures).
-    pub fn push(&mut self, row: Row) {
+    /// Appends a row (tests build odd signals with it).
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, row: Row) {
         let mut rows = self.parse();
         rows.push(row);
         *self = Rows::from_rows(&rows);
@@ -320,11 +321,7 @@ pub fn hex128(v: u128) -> String {
 }
 
 fn push_hex128(out: &mut Vec<u8>, v: u128) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in v.to_be_bytes() {
-        out.push(DIGITS[(b >> 4) as usize]);
-        out.push(DIGITS[(b & 15) as usize]);
-    }
+    crate::classify::push_hex(out, &v.to_be_bytes());
 }
 
 /// Groups consecutive events of the same signal (as `Signal::to_events`
