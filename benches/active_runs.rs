@@ -21,33 +21,35 @@ use bizsignal::runs::tracker::Tracker;
 use bizsignal::signal::Signal;
 use bizsignal::storage::sqlite::SqliteStore;
 use bizsignal::storage::{NullStore, Store};
+use mimalloc::MiMalloc;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// The server's allocator (`src/alloc.rs`), counting live bytes.
 struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        System.alloc(l)
+        MiMalloc.alloc(l)
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        System.alloc_zeroed(l)
+        MiMalloc.alloc_zeroed(l)
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        System.dealloc(p, l)
+        MiMalloc.dealloc(p, l)
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        System.realloc(p, l, new)
+        MiMalloc.realloc(p, l, new)
     }
 }
 
@@ -63,6 +65,7 @@ fn rss_kib() -> u64 {
 }
 
 fn main() {
+    bizsignal::alloc::configure();
     // `cargo bench` passes `--bench`; `cargo test --all-targets` does not: then a quick smoke run.
     let bench = std::env::args().any(|a| a == "--bench");
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

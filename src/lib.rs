@@ -5,6 +5,7 @@
 //! process runs and checks expectations → [`storage`] keeps events and runs
 //! → [`api`] serves them. [`app`] wires it together.
 
+pub mod alloc;
 pub mod api;
 pub mod app;
 pub mod auth;

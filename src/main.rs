@@ -8,6 +8,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// See `bizsignal::alloc` for why, and the two settings `main` applies first.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "bizsignal", version, about = "OpenTelemetry-native business-signal processor")]
 struct Cli {
@@ -147,6 +151,7 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    bizsignal::alloc::configure();
     // Usage errors exit 4, not clap's 2: `wait` uses 2 for "timed out".
     let cli = match Cli::try_parse() {
         Ok(c) => c,
