@@ -45,6 +45,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The server's allocator (`src/alloc.rs`), so the writer's CPU per row is the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone)]
 struct Args {
     endpoint: String,
@@ -384,6 +388,7 @@ fn produce(store: &ClickHouseStore, a: &Args, tpl: &[Signal]) -> Produced {
 }
 
 fn main() {
+    bizsignal::alloc::configure();
     let Some(a) = args() else {
         println!(
             "clickhouse_writer: run with `cargo bench --bench clickhouse_writer -- [--endpoint sink|chdb|URL] ...`"
