@@ -50,7 +50,7 @@ for i in $(seq 1 "$PROBES"); do
   run="probe-$tag-$i"
   trace=$(printf '%032x' "$((tag * 1000 + i))")
   now=$(date +%s%N)
-  body='{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"freshness-probe"}}]},"scopeSpans":[{"spans":[{"traceId":"'$trace'","spanId":"00000000000000'$(printf '%02x' $((i % 256)))'","name":"probe","kind":1,"startTimeUnixNano":"'$now'","endTimeUnixNano":"'$now'","attributes":[{"key":"business.process.name","value":{"stringValue":"freshness-probe"}},{"key":"business.run.id","value":{"stringValue":"'$run'"}},{"key":"business.records.ok","value":{"intValue":"1"}}]}]}]}]}'
+  body='{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"freshness-probe"}}]},"scopeSpans":[{"spans":[{"traceId":"'$trace'","spanId":"'$(printf '%016x' "$i")'","name":"probe","kind":1,"startTimeUnixNano":"'$now'","endTimeUnixNano":"'$now'","attributes":[{"key":"business.process.name","value":{"stringValue":"freshness-probe"}},{"key":"business.run.id","value":{"stringValue":"'$run'"}},{"key":"business.records.ok","value":{"intValue":"1"}}]}]}]}]}'
   start=$(date +%s%N)
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' --data-binary "$body" http://127.0.0.1:15318/v1/traces)
   [ "$code" = 200 ] || { echo "probe $i: export answered $code" >&2; exit 1; }
