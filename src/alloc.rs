@@ -5,20 +5,25 @@
 //! Why: under all-business load glibc's allocator was ≈ 25–30 % of the run
 //! tracker's samples, most of it `malloc_consolidate` (every allocation
 //! over 1 KiB sorts the fast bins that the many small frees of a commit
-//! filled). mimalloc cuts whole-process CPU per span by ≈ 6–10 % with these
-//! two settings, and by ≈ 13 % without them but with ≈ 35 MiB more RSS
-//! (docs/benchmarks.md, "What was tried"):
+//! filled). mimalloc cuts whole-process CPU per span by ≈ 6–10 % as set up
+//! here, and by ≈ 13 % with its defaults but ≈ 35 MiB more RSS
+//! (docs/benchmarks.md, "What was tried"). Set up here:
 //!
+//! * built with the crate's `no_thp` feature (Cargo.toml): no `MADV_HUGEPAGE`
+//!   on its arenas. With transparent huge pages in `madvise` mode that made
+//!   whole 2 MiB pages resident (an idle server at 31 MiB instead of 15).
+//!   A build setting because the runtime option is read at mimalloc's start,
+//!   before `main`; setting options from `main` did not lower that baseline.
 //! * `purge_delay` 10 ms (v3's default is 1 s): freed pages go back to the OS
 //!   soon, so a burst of large requests does not stay resident — the
 //!   in-flight memory budget (`tests/reliability_memory.rs`) bounds RSS, not
-//!   only the bytes the budget counts.
-//! * `arena_eager_commit` off: arenas are committed as they are used instead
-//!   of up front (with transparent huge pages in `madvise` mode, eager commit
-//!   made whole 2 MiB pages resident).
+//!   only the bytes the budget counts. Read at each purge, so setting it
+//!   from `main` works (the test fails without it).
+//! * `arena_eager_commit` off, for arenas reserved after start-up (commit as
+//!   used). Measured together with the two above, not on its own.
 //!
-//! Operators can still override either with the usual `MIMALLOC_PURGE_DELAY`
-//! / `MIMALLOC_ARENA_EAGER_COMMIT` environment variables.
+//! Operators can still override the two options with the usual
+//! `MIMALLOC_PURGE_DELAY` / `MIMALLOC_ARENA_EAGER_COMMIT` environment variables.
 
 use std::ffi::CStr;
 
@@ -26,8 +31,7 @@ use std::ffi::CStr;
 const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Applies the settings above. Call first thing in `main`, before the first
-/// allocation reserves an arena with the defaults (it does not allocate).
+/// Applies the two options above. Call first thing in `main` (it does not allocate).
 pub fn configure() {
     set_unless_in_env(c"MIMALLOC_ARENA_EAGER_COMMIT", ARENA_EAGER_COMMIT, 0);
     set_unless_in_env(c"MIMALLOC_PURGE_DELAY", PURGE_DELAY, 10);
