@@ -226,15 +226,17 @@ pub struct PipelineConfig {
     /// signals are checked against storage (exact either way).
     #[serde(deserialize_with = "de_duration")]
     pub dedup_window: Duration,
-    /// How long the tracker waits for more batches after the first before
-    /// committing (group commit): fewer, larger journal fsyncs under moderate
-    /// load at the price of this much acknowledgement latency.
+    /// The longest the tracker waits for more batches after the first before
+    /// committing (group commit): fewer, larger journal fsyncs under
+    /// concurrent load at the price of up to this much acknowledgement
+    /// latency. Adaptive: it stops waiting while waits gather nothing.
     #[serde(deserialize_with = "de_duration")]
     pub commit_linger: Duration,
 }
 
-/// Off by default: a client that exports one request at a time would wait this long on every request.
-const LINGER_MS: u64 = 0;
+/// Adaptive (`runs::linger`): the tracker only waits while waiting gathers
+/// batches, so a client that exports one request at a time rarely pays it.
+const LINGER_MS: u64 = 25;
 
 impl Default for PipelineConfig {
     fn default() -> Self {

@@ -3,6 +3,7 @@
 
 pub mod compact;
 pub mod expect;
+pub mod linger;
 pub mod run;
 pub mod seen;
 pub mod tracker;
