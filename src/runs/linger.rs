@@ -23,6 +23,10 @@ use std::time::Duration;
 /// Consecutive fruitless waits after which the tracker stops waiting.
 pub const GIVE_UP_AFTER: u32 = 3;
 
+/// A commit holding this many signals does not wait for more: its fixed
+/// cost (one `fdatasync`, the wake-ups) is already a few per cent of it.
+pub const ENOUGH_TO_COMMIT: usize = 2000;
+
 #[derive(Debug)]
 pub struct GroupCommit {
     max: Duration,
@@ -38,14 +42,14 @@ impl GroupCommit {
     }
 
     /// How long a commit holding `held` batches (its first and those
-    /// already queued behind it) may wait for one more.
-    pub fn wait(&mut self, held: usize) -> Duration {
+    /// already queued behind it) with `signals` signals in all may wait for one more.
+    pub fn wait(&mut self, held: usize, signals: usize) -> Duration {
         if held > 1 {
             // Concurrent senders: nothing to wait for now, but worth waiting again.
             self.fruitless = 0;
             return Duration::ZERO;
         }
-        if self.max.is_zero() || self.fruitless >= GIVE_UP_AFTER {
+        if self.max.is_zero() || self.fruitless >= GIVE_UP_AFTER || signals >= ENOUGH_TO_COMMIT {
             return Duration::ZERO;
         }
         self.max
@@ -66,23 +70,30 @@ mod tests {
     #[test]
     fn zero_never_waits() {
         let mut g = GroupCommit::new(Duration::ZERO);
-        assert_eq!(g.wait(1), Duration::ZERO);
+        assert_eq!(g.wait(1, 1), Duration::ZERO);
     }
 
     #[test]
     fn keeps_waiting_while_waits_gather_batches() {
         let mut g = GroupCommit::new(MAX);
         for _ in 0..100 {
-            assert_eq!(g.wait(1), MAX);
+            assert_eq!(g.wait(1, 1), MAX);
             g.waited(true);
         }
     }
 
     #[test]
+    fn never_waits_when_the_batch_is_already_large() {
+        let mut g = GroupCommit::new(MAX);
+        assert_eq!(g.wait(1, ENOUGH_TO_COMMIT), Duration::ZERO);
+        assert_eq!(g.wait(1, ENOUGH_TO_COMMIT - 1), MAX);
+    }
+
+    #[test]
     fn never_waits_with_batches_already_queued() {
         let mut g = GroupCommit::new(MAX);
-        assert_eq!(g.wait(2), Duration::ZERO);
-        assert_eq!(g.wait(64), Duration::ZERO);
+        assert_eq!(g.wait(2, 1), Duration::ZERO);
+        assert_eq!(g.wait(64, 1), Duration::ZERO);
     }
 
     #[test]
@@ -90,7 +101,7 @@ mod tests {
         let mut g = GroupCommit::new(MAX);
         let mut waits = 0;
         for _ in 0..1000 {
-            if g.wait(1) == MAX {
+            if g.wait(1, 1) == MAX {
                 waits += 1;
                 g.waited(false);
             }
@@ -102,13 +113,13 @@ mod tests {
     fn batches_found_queued_turn_waiting_back_on() {
         let mut g = GroupCommit::new(MAX);
         for _ in 0..GIVE_UP_AFTER {
-            assert_eq!(g.wait(1), MAX);
+            assert_eq!(g.wait(1, 1), MAX);
             g.waited(false);
         }
-        assert_eq!(g.wait(1), Duration::ZERO);
-        g.wait(3);
-        assert_eq!(g.wait(1), MAX, "three senders were seen at once: waiting again");
+        assert_eq!(g.wait(1, 1), Duration::ZERO);
+        g.wait(3, 1);
+        assert_eq!(g.wait(1, 1), MAX, "three senders were seen at once: waiting again");
         g.waited(false);
-        assert_eq!(g.wait(1), MAX, "one fruitless wait is not yet giving up");
+        assert_eq!(g.wait(1, 1), MAX, "one fruitless wait is not yet giving up");
     }
 }

@@ -30,10 +30,6 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// milestones are common right after the end); later ones are reloaded on demand.
 const KEEP_ENDED: Duration = Duration::from_secs(600);
 
-/// A commit holding this many signals does not wait for more: its fixed
-/// cost (one `fdatasync`, the wake-ups) is already a few per cent of it.
-const ENOUGH_TO_COMMIT: usize = 2000;
-
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum SubmitError {
     #[error("the pipeline is full; retry later")]
@@ -357,9 +353,8 @@ impl Tracker {
                     // little for the next (adaptive group commit, `linger`).
                     let max = self.pipeline.max_batches_per_commit;
                     batch.extend(rx.try_iter().take(max - 1));
-                    let wait = group.wait(batch.len());
-                    let small = batch[0].signals.len() < ENOUGH_TO_COMMIT;
-                    if small && !wait.is_zero() && !shutdown.load(Ordering::Acquire) {
+                    let wait = group.wait(batch.len(), batch[0].signals.len());
+                    if !wait.is_zero() && !shutdown.load(Ordering::Acquire) {
                         let gathered = match rx.recv_timeout(wait) {
                             Ok(s) => {
                                 batch.push(s);
