@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 /// Where a signal came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -95,7 +96,9 @@ pub struct Signal {
     pub text: String,
     pub service: String,
     pub attributes: Vec<(String, String)>,
-    pub resource: Vec<(String, String)>,
+    /// Shared by the signals of one resource (a request's spans mostly have
+    /// one): made once per resource, not once per signal.
+    pub resource: Arc<[(String, String)]>,
     pub facts: Vec<Fact>,
 }
 

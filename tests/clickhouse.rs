@@ -27,7 +27,7 @@ fn signal(id: u128, run: &str, t: i64, ok: f64) -> Signal {
         text: "batch".into(),
         service: "importer".into(),
         attributes: vec![],
-        resource: vec![],
+        resource: vec![].into(),
         facts: vec![Fact::Records { outcome: "ok".into(), count: ok }],
     }
 }

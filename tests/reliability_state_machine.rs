@@ -53,7 +53,7 @@ fn build(specs: Vec<(i64, i64, Vec<Fact>, u8)>) -> Vec<Signal> {
             text: String::new(),
             service: format!("svc-{svc}"),
             attributes: vec![],
-            resource: vec![],
+            resource: vec![].into(),
             facts,
         })
         .collect()

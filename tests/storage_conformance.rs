@@ -34,7 +34,7 @@ fn sig(id: u128, process: &str, run_id: Option<&str>, trace: &str, t: i64, facts
         text: format!("text {id}"),
         service: format!("svc-{}", id % 3),
         attributes: vec![("a".into(), format!("{id}")), ("k".into(), "v".into())],
-        resource: vec![("service.name".into(), format!("svc-{}", id % 3))],
+        resource: vec![("service.name".into(), format!("svc-{}", id % 3))].into(),
         facts,
     }
 }

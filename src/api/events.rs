@@ -158,7 +158,7 @@ impl EventsIntake {
             text: e.note.clone().unwrap_or_default(),
             service: e.service.unwrap_or_else(|| "api".into()),
             attributes: Vec::new(),
-            resource: Vec::new(),
+            resource: Vec::new().into(),
             facts,
         })
     }

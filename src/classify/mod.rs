@@ -11,9 +11,12 @@ use crate::config::Limits;
 use crate::signal::{Fact, LifecycleStatus, Signal, SignalKind};
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs};
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{status::StatusCode, ResourceSpans, Span};
 use rules::{Rule, RuleSet};
+use std::cell::OnceCell;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 pub const PROCESS: &str = "business.process.name";
 pub const RUN_ID: &str = "business.run.id";
@@ -107,6 +110,29 @@ pub struct Classifier {
     rules: RuleSet,
 }
 
+/// One resource of a request, as every record under it is classified: its
+/// attributes, service and whether it makes its records business, and its
+/// flattened attributes made once, for the first signal that needs them —
+/// all signals of the resource share them.
+pub(crate) struct ResourceCtx<'a> {
+    attributes: &'a [KeyValue],
+    service: &'a str,
+    business: bool,
+    flat: OnceCell<Arc<[(String, String)]>>,
+}
+
+impl<'a> ResourceCtx<'a> {
+    fn new(resource: Option<&'a Resource>) -> Self {
+        let attributes = resource.map(|r| r.attributes.as_slice()).unwrap_or(&[]);
+        ResourceCtx {
+            attributes,
+            service: service_name(attributes),
+            business: has_business(attributes),
+            flat: OnceCell::new(),
+        }
+    }
+}
+
 /// A view of one record that conventions and rules read from.
 pub(crate) struct RecordView<'a> {
     pub kind: SignalKind,
@@ -141,12 +167,10 @@ impl Classifier {
     pub fn classify_traces(&self, resource_spans: &[ResourceSpans], now_ns: i64) -> Classified {
         let mut out = Classified::default();
         for rs in resource_spans {
-            let resource = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
-            let service = service_name(resource);
-            let rb = has_business(resource);
+            let resource = ResourceCtx::new(rs.resource.as_ref());
             for ss in &rs.scope_spans {
                 for span in &ss.spans {
-                    self.classify_span(span, resource, rb, service, now_ns, &mut out);
+                    self.classify_span(span, &resource, now_ns, &mut out);
                 }
             }
         }
@@ -156,12 +180,10 @@ impl Classifier {
     pub fn classify_logs(&self, resource_logs: &[ResourceLogs], now_ns: i64) -> Classified {
         let mut out = Classified::default();
         for rl in resource_logs {
-            let resource = rl.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
-            let service = service_name(resource);
-            let rb = has_business(resource);
+            let resource = ResourceCtx::new(rl.resource.as_ref());
             for sl in &rl.scope_logs {
                 for log in &sl.log_records {
-                    self.classify_log(log, resource, rb, service, now_ns, &mut out);
+                    self.classify_log(log, &resource, now_ns, &mut out);
                 }
             }
         }
@@ -174,16 +196,9 @@ impl Classifier {
         resource_business || !self.rules.is_empty() || attributes.iter().any(|kv| kv.key.starts_with("business."))
     }
 
-    fn classify_span(
-        &self,
-        span: &Span,
-        resource: &[KeyValue],
-        resource_business: bool,
-        service: &str,
-        now_ns: i64,
-        out: &mut Classified,
-    ) {
-        if !self.is_candidate(&span.attributes, resource_business) {
+    fn classify_span(&self, span: &Span, resource: &ResourceCtx, now_ns: i64, out: &mut Classified) {
+        let service = resource.service;
+        if !self.is_candidate(&span.attributes, resource.business) {
             out.discarded += 1;
             return;
         }
@@ -193,7 +208,7 @@ impl Classifier {
             name: &span.name,
             body: None,
             attributes: &span.attributes,
-            resource,
+            resource: resource.attributes,
             trace_id: &span.trace_id,
         };
         let what = || format!("span {:?}{}", truncate(&span.name, 64), in_trace(&span.trace_id));
@@ -238,6 +253,7 @@ impl Classifier {
         out.signals.push(self.finish(
             draft,
             &view,
+            resource,
             id,
             hex(&span.span_id),
             span.name.clone(),
@@ -247,16 +263,9 @@ impl Classifier {
         ));
     }
 
-    fn classify_log(
-        &self,
-        log: &LogRecord,
-        resource: &[KeyValue],
-        resource_business: bool,
-        service: &str,
-        now_ns: i64,
-        out: &mut Classified,
-    ) {
-        if !self.is_candidate(&log.attributes, resource_business) {
+    fn classify_log(&self, log: &LogRecord, resource: &ResourceCtx, now_ns: i64, out: &mut Classified) {
+        let service = resource.service;
+        if !self.is_candidate(&log.attributes, resource.business) {
             out.discarded += 1;
             return;
         }
@@ -266,7 +275,7 @@ impl Classifier {
             name: &log.severity_text,
             body: log.body.as_ref(),
             attributes: &log.attributes,
-            resource,
+            resource: resource.attributes,
             trace_id: &log.trace_id,
         };
         let what = || format!("log record at {}{}", log.time_unix_nano, in_trace(&log.trace_id));
@@ -311,7 +320,7 @@ impl Classifier {
         }
         let id = h.digest128();
         let name = if log.severity_text.is_empty() { "log".to_string() } else { log.severity_text.clone() };
-        out.signals.push(self.finish(draft, &view, id, hex(&log.span_id), name, time, time, body));
+        out.signals.push(self.finish(draft, &view, resource, id, hex(&log.span_id), name, time, time, body));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -319,6 +328,7 @@ impl Classifier {
         &self,
         draft: Draft,
         view: &RecordView,
+        resource: &ResourceCtx,
         id: u128,
         span_id: String,
         name: String,
@@ -330,12 +340,7 @@ impl Classifier {
         let flatten = |kvs: &[KeyValue]| -> Vec<(String, String)> {
             kvs.iter()
                 .filter(|kv| kv.key.len() <= self.limits.max_name_length)
-                .map(|kv| {
-                    (
-                        kv.key.clone(),
-                        truncate(&kv.value.as_ref().map(any_to_string).unwrap_or_default(), max_v).to_string(),
-                    )
-                })
+                .map(|kv| (kv.key.clone(), truncated(kv.value.as_ref().map(any_to_string).unwrap_or_default(), max_v)))
                 .collect()
         };
         Signal {
@@ -351,7 +356,7 @@ impl Classifier {
             text: truncate(&text, max_v).to_string(),
             service: view.service.to_string(),
             attributes: flatten(view.attributes),
-            resource: flatten(view.resource),
+            resource: resource.flat.get_or_init(|| flatten(resource.attributes).into()).clone(),
             facts: draft.facts,
         }
     }
@@ -575,6 +580,13 @@ pub fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Truncates at a char boundary.
+/// [`truncate`] of an owned string, in place (no second allocation).
+fn truncated(mut s: String, max: usize) -> String {
+    let end = truncate(&s, max).len();
+    s.truncate(end);
+    s
+}
+
 pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;

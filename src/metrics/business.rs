@@ -199,15 +199,27 @@ impl BusinessMetrics {
         }
     }
 
-    fn signal(&self, s: &Signal) {
-        for f in &s.facts {
-            if let Fact::Records { outcome, count } = f {
-                let attrs = [KeyValue::new(PROCESS, s.process.clone()), KeyValue::new(RECORD_OUTCOME, outcome.clone())];
-                self.records.i.add(*count, self.records.budget.admit(&attrs));
+    /// Records handled, summed per process and outcome over the commit
+    /// first: one counter add per series rather than per fact (each add
+    /// builds, hashes and budget-checks its attribute set).
+    fn records(&self, signals: &[(&Signal, &str)]) {
+        let mut sums: Vec<(&str, &str, f64)> = Vec::new();
+        let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+        for (s, _) in signals {
+            for f in &s.facts {
+                if let Fact::Records { outcome, count } = f {
+                    let i = *index.entry((s.process.as_str(), outcome.as_str())).or_insert_with(|| {
+                        sums.push((s.process.as_str(), outcome.as_str(), 0.0));
+                        sums.len() - 1
+                    });
+                    sums[i].2 += count;
+                }
             }
         }
-        for u in &self.user {
-            u.observe(s);
+        for (process, outcome, n) in sums {
+            let attrs =
+                [KeyValue::new(PROCESS, process.to_string()), KeyValue::new(RECORD_OUTCOME, outcome.to_string())];
+            self.records.i.add(n, self.records.budget.admit(&attrs));
         }
     }
 
@@ -263,8 +275,11 @@ impl Observer for BusinessMetrics {
         process_violations: &[(String, Violation)],
     ) {
         let now = crate::now_ns();
+        self.records(signals);
         for (s, _) in signals {
-            self.signal(s);
+            for u in &self.user {
+                u.observe(s);
+            }
         }
         // A trace-keyed run merged into a named run shows up with before == after.
         let is_merged = |c: &RunChange| c.before.as_ref().is_some_and(|b| Arc::ptr_eq(b, &c.after));

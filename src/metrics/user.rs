@@ -213,7 +213,7 @@ impl UserMetric {
             Source::Attribute(k) => values.extend(
                 s.attributes
                     .iter()
-                    .chain(&s.resource)
+                    .chain(s.resource.iter())
                     .find(|(key, _)| key == k)
                     .and_then(|(_, v)| v.trim().parse::<f64>().ok())
                     .filter(|v| v.is_finite()),
@@ -225,7 +225,7 @@ impl UserMetric {
         let mut attrs = Vec::with_capacity(self.dimensions.len() + 1);
         attrs.push(KeyValue::new(PROCESS, s.process.clone()));
         for d in &self.dimensions {
-            if let Some((_, v)) = s.attributes.iter().chain(&s.resource).find(|(k, _)| k == d) {
+            if let Some((_, v)) = s.attributes.iter().chain(s.resource.iter()).find(|(k, _)| k == d) {
                 attrs.push(KeyValue::new(d.clone(), v.clone()));
             }
         }

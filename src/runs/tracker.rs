@@ -918,7 +918,7 @@ mod tests {
             text: String::new(),
             service: "svc".into(),
             attributes: vec![],
-            resource: vec![],
+            resource: vec![].into(),
             facts: vec![Fact::Records { outcome: "ok".into(), count: n }],
         }
     }

@@ -266,16 +266,16 @@ impl RowsWriter {
 
 /// The last resource seen and its JSON.
 #[derive(Default)]
-pub struct ResourceMemo(Vec<(String, String)>, Option<Arc<str>>);
+pub struct ResourceMemo(Option<(Arc<[(String, String)]>, Arc<str>)>);
 
 impl ResourceMemo {
-    fn json(&mut self, pairs: &[(String, String)]) -> Arc<str> {
-        match &self.1 {
-            Some(j) if self.0 == pairs => j.clone(),
+    fn json(&mut self, pairs: &Arc<[(String, String)]>) -> Arc<str> {
+        match &self.0 {
+            // The signals of one resource share its pairs: mostly a pointer compare.
+            Some((p, j)) if Arc::ptr_eq(p, pairs) || **p == **pairs => j.clone(),
             _ => {
-                self.0 = pairs.to_vec();
                 let j: Arc<str> = json_object(pairs).into();
-                self.1 = Some(j.clone());
+                self.0 = Some((pairs.clone(), j.clone()));
                 j
             }
         }
@@ -422,7 +422,7 @@ mod tests {
             text: text.into(),
             service: "svc".into(),
             attributes: vec![("business.note".into(), "a \"quoted\"\nline".into()), ("k".into(), "日本".into())],
-            resource: vec![("service.name".into(), "svc".into())],
+            resource: vec![("service.name".into(), "svc".into())].into(),
             facts: vec![
                 Fact::Records { outcome: "imported".into(), count: 120.0 },
                 Fact::Records { outcome: "skipped".into(), count: 0.5 },

@@ -25,6 +25,7 @@ use crate::signal::{BusinessEvent, RunKey};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -74,10 +75,55 @@ struct Pending {
     batch: WriteBatch,
     /// `batch.runs[i]` as JSON, made once for the journal and kept for SQLite.
     states: Vec<Box<RawValue>>,
-    run_index: HashMap<RunKey, usize>,
+    run_index: RunIndex,
     merged_from: HashSet<RunKey>,
     aliases: HashMap<(String, String), String>,
     last_seq: u64,
+}
+
+/// Where each pending run is in `Pending::batch.runs`, found by the run's
+/// own process and run id: a lookup builds no `RunKey` (two string copies;
+/// the tracker's every commit looks up each run it touched).
+#[derive(Default)]
+struct RunIndex {
+    hasher: foldhash::fast::RandomState,
+    slots: hashbrown::HashTable<usize>,
+}
+
+impl RunIndex {
+    fn hash(&self, process: &str, run_id: &str) -> u64 {
+        self.hasher.hash_one((process, run_id))
+    }
+
+    fn get(&self, runs: &[Arc<ProcessRun>], process: &str, run_id: &str) -> Option<usize> {
+        let h = self.hash(process, run_id);
+        self.slots.find(h, |&i| runs[i].process == process && runs[i].run_id == run_id).copied()
+    }
+
+    /// Indexes `runs[i]`, which is not indexed yet.
+    fn insert(&mut self, runs: &[Arc<ProcessRun>], i: usize) {
+        let h = self.hash(&runs[i].process, &runs[i].run_id);
+        let hasher = &self.hasher;
+        self.slots.insert_unique(h, i, |&j| hasher.hash_one((runs[j].process.as_str(), runs[j].run_id.as_str())));
+    }
+
+    fn remove(&mut self, runs: &[Arc<ProcessRun>], key: &RunKey) -> Option<usize> {
+        let h = self.hash(&key.process, &key.run_id);
+        let eq = |&i: &usize| runs[i].process == key.process && runs[i].run_id == key.run_id;
+        self.slots.find_entry(h, eq).ok().map(|e| e.remove().0)
+    }
+
+    /// `runs[i]` was at `from` (a `swap_remove` moved it).
+    fn moved(&mut self, runs: &[Arc<ProcessRun>], from: usize, i: usize) {
+        let h = self.hash(&runs[i].process, &runs[i].run_id);
+        if let Some(slot) = self.slots.find_mut(h, |&j| j == from) {
+            *slot = i;
+        }
+    }
+
+    fn contains(&self, runs: &[Arc<ProcessRun>], key: &RunKey) -> bool {
+        self.get(runs, &key.process, &key.run_id).is_some()
+    }
 }
 
 impl Pending {
@@ -90,24 +136,24 @@ impl Pending {
         // A merge deletes the trace-keyed run's row; a pending upsert of it
         // must not bring it back (the merge is applied before the upserts).
         for (from, to) in b.merges {
-            if let Some(i) = self.run_index.remove(&from) {
+            if let Some(i) = self.run_index.remove(&self.batch.runs, &from) {
+                let last = self.batch.runs.len() - 1;
                 self.batch.runs.swap_remove(i);
                 self.states.swap_remove(i);
-                if let Some(moved) = self.batch.runs.get(i) {
-                    self.run_index.insert(moved.key(), i);
+                if i < last {
+                    self.run_index.moved(&self.batch.runs, last, i);
                 }
             }
             self.merged_from.insert(from.clone());
             self.batch.merges.push((from, to));
         }
         for (r, state) in b.runs.into_iter().zip(states) {
-            let key = r.key();
-            match self.run_index.get(&key) {
-                Some(&i) => (self.batch.runs[i], self.states[i]) = (r, state),
+            match self.run_index.get(&self.batch.runs, &r.process, &r.run_id) {
+                Some(i) => (self.batch.runs[i], self.states[i]) = (r, state),
                 None => {
-                    self.run_index.insert(key, self.batch.runs.len());
                     self.batch.runs.push(r);
                     self.states.push(state);
+                    self.run_index.insert(&self.batch.runs, self.batch.runs.len() - 1);
                 }
             }
         }
@@ -121,7 +167,7 @@ impl Pending {
     }
 
     fn touches(&self, key: &RunKey) -> bool {
-        self.run_index.contains_key(key) || self.merged_from.contains(key)
+        self.run_index.contains(&self.batch.runs, key) || self.merged_from.contains(key)
     }
 
     /// `key` and the runs a pending merge folds into it (their rows in
@@ -633,7 +679,7 @@ impl Store for SqliteStore {
 
     fn get_run(&self, key: &RunKey) -> Result<Option<ProcessRun>, StorageError> {
         if let Some(p) = self.flush_or_pending(|p| p.touches(key)) {
-            return Ok(p.run_index.get(key).map(|&i| (*p.batch.runs[i]).clone()));
+            return Ok(p.run_index.get(&p.batch.runs, &key.process, &key.run_id).map(|i| (*p.batch.runs[i]).clone()));
         }
         self.committed_run(key)
     }
