@@ -628,3 +628,51 @@ fn any_to_json(v: &AnyValue) -> serde_json::Value {
         _ => J::Null,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::trace::v1::ScopeSpans;
+
+    fn kv(k: &str, v: &str) -> KeyValue {
+        KeyValue {
+            key: k.into(),
+            value: Some(AnyValue { value: Some(Value::StringValue(v.into())) }),
+            ..Default::default()
+        }
+    }
+
+    fn resource_spans(service: &str, spans: u8) -> ResourceSpans {
+        let span = |i: u8| Span {
+            trace_id: vec![1; 16],
+            span_id: vec![service.len() as u8, i, 0, 0, 0, 0, 0, 1],
+            parent_span_id: vec![9; 8],
+            name: "step".into(),
+            start_time_unix_nano: 1_700_000_000_000_000_000,
+            end_time_unix_nano: 1_700_000_000_000_000_001,
+            attributes: vec![kv("business.process.name", "import"), kv("note", "één twee")],
+            ..Default::default()
+        };
+        ResourceSpans {
+            resource: Some(Resource { attributes: vec![kv("service.name", service)], ..Default::default() }),
+            scope_spans: vec![ScopeSpans { spans: (0..spans).map(span).collect(), ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn signals_of_one_resource_share_its_attributes_and_long_values_are_cut_at_a_char_boundary() {
+        // "één twee" is 10 bytes; 3 bytes would cut the second "é" in half.
+        let limits = Limits { max_attribute_value_bytes: 3, ..Limits::default() };
+        let c = Classifier::new(limits, &[]).unwrap();
+        let out =
+            c.classify_traces(&[resource_spans("billing", 2), resource_spans("ledger", 1)], 1_700_000_000_000_000_000);
+        assert_eq!(out.signals.len(), 3, "{:?}", out.reasons);
+        let [a, b, other] = &out.signals[..] else { unreachable!() };
+        assert!(Arc::ptr_eq(&a.resource, &b.resource), "one resource, one copy of its attributes");
+        assert!(!Arc::ptr_eq(&a.resource, &other.resource));
+        assert_eq!(&*a.resource, &[("service.name".to_string(), "bil".to_string())]);
+        assert_eq!(&*other.resource, &[("service.name".to_string(), "led".to_string())]);
+        assert_eq!(a.attributes.iter().find(|(k, _)| k == "note").map(|(_, v)| v.as_str()), Some("é"));
+    }
+}

@@ -503,3 +503,61 @@ pub fn register_self_metrics(meter: &Meter, m: &Arc<SelfMetrics>, budgets: Vec<A
         .build();
     let _ = m.storage_write_seconds.set(h);
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::MetricsConfig;
+    use crate::metrics::export::MetricsPipeline;
+    use crate::metrics::SelfMetrics;
+    use crate::runs::tracker::Observer;
+    use crate::signal::{Fact, Signal, SignalKind};
+    use std::sync::Arc;
+
+    fn signal(id: u128, process: &str, records: &[(&str, f64)]) -> Signal {
+        Signal {
+            id,
+            kind: SignalKind::Log,
+            process: process.into(),
+            run_id: Some("r1".into()),
+            trace_id: String::new(),
+            span_id: String::new(),
+            name: "log".into(),
+            start_ns: 1,
+            time_ns: 1,
+            text: String::new(),
+            service: "svc".into(),
+            attributes: vec![],
+            resource: vec![].into(),
+            facts: records.iter().map(|(o, n)| Fact::Records { outcome: o.to_string(), count: *n }).collect(),
+        }
+    }
+
+    /// The value of the records counter for one process and outcome.
+    fn records(text: &str, process: &str, outcome: &str) -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with("business_process_records_total{"))
+            .find(|l| {
+                l.contains(&format!("business_process_name=\"{process}\""))
+                    && l.contains(&format!("business_records_outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn records_summed_within_a_commit_keep_process_and_outcome_apart() {
+        let p = MetricsPipeline::build(&MetricsConfig::default(), Arc::new(SelfMetrics::default())).unwrap();
+        let signals = [
+            signal(1, "import", &[("ok", 2.0), ("failed", 1.0)]),
+            signal(2, "import", &[("ok", 3.0)]),
+            signal(3, "export", &[("ok", 7.0)]),
+        ];
+        let refs: Vec<(&Signal, &str)> = signals.iter().map(|s| (s, "r1")).collect();
+        p.business.committed(&refs, &[], &[]);
+        p.business.committed(&refs[..1], &[], &[]);
+        let text = p.render(false);
+        assert_eq!(records(&text, "import", "ok"), Some(7.0), "{text}");
+        assert_eq!(records(&text, "import", "failed"), Some(2.0));
+        assert_eq!(records(&text, "export", "ok"), Some(7.0));
+        assert_eq!(records(&text, "export", "failed"), None, "no series for what was never reported");
+    }
+}

@@ -954,6 +954,34 @@ mod tests {
     }
 
     #[test]
+    fn pending_runs_stay_found_after_a_merge_moves_them() {
+        let key = |r: &str| RunKey { process: "import".into(), run_id: r.into() };
+        let run = |r: &str, n: u64| {
+            let mut run = ProcessRun::new(&key(r), 0);
+            run.signal_count = n;
+            Arc::new(run)
+        };
+        let absorb = |p: &mut Pending, seq: u64, b: WriteBatch| {
+            let states = run_states(&b).unwrap();
+            p.absorb(seq, b, states);
+        };
+        let mut p = Pending::default();
+        absorb(&mut p, 1, WriteBatch { runs: vec![run("a", 1), run("b", 1), run("c", 1)], ..Default::default() });
+        // Merging `a` away moves the last run, `c`, into its slot.
+        absorb(&mut p, 2, WriteBatch { merges: vec![(key("a"), "b".into())], ..Default::default() });
+        absorb(&mut p, 3, WriteBatch { runs: vec![run("c", 2), run("d", 1)], ..Default::default() });
+        let names: Vec<&str> = p.batch.runs.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(names, ["c", "b", "d"], "c's newer state replaced it where it moved; no copy of it was added");
+        assert_eq!(p.batch.runs[0].signal_count, 2);
+        assert!(p.states[0].get().contains("\"signal_count\":2"), "its state JSON moved with it");
+        for r in ["b", "c", "d"] {
+            assert!(p.touches(&key(r)), "{r} is found");
+        }
+        assert!(!p.run_index.contains(&p.batch.runs, &key("a")), "the merged run is gone from the index");
+        assert!(p.touches(&key("a")), "but still known as merged");
+    }
+
+    #[test]
     fn pending_merges_do_not_resurrect_the_merged_run() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
