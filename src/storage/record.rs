@@ -10,11 +10,25 @@
 
 use crate::signal::{BusinessEvent, Fact, Signal, SignalKind};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// One row of a signal: `[event_id, kind, name, time_ns, value, text, payload]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row(pub String, pub String, pub String, pub i64, pub Option<f64>, pub String, pub String);
+
+/// [`Row`] with its strings borrowed where the JSON has no escapes.
+#[derive(Deserialize)]
+#[allow(dead_code)] // Read only to check the types.
+struct RowCheck<'a>(
+    #[serde(borrow)] Cow<'a, str>,
+    #[serde(borrow)] Cow<'a, str>,
+    #[serde(borrow)] Cow<'a, str>,
+    i64,
+    Option<f64>,
+    #[serde(borrow)] Cow<'a, str>,
+    #[serde(borrow)] Cow<'a, str>,
+);
 
 /// A signal's rows as the JSON array the journal and SQLite's `rows` column
 /// keep (`[[event_id, kind, name, time_ns, value, text, payload], …]`),
@@ -37,9 +51,11 @@ impl Rows {
         }
     }
 
-    /// Rows from their JSON (a journal record, SQLite's `rows` column).
+    /// Rows from their JSON (a journal record, SQLite's `rows` column),
+    /// checked as strictly as [`Row`] would be but without copying its
+    /// strings (they are copied where the rows are read, if at all).
     pub fn from_json(json: String) -> Result<Rows, serde_json::Error> {
-        let rows: Vec<Row> = serde_json::from_str(&json)?;
+        let rows: Vec<RowCheck> = serde_json::from_str(&json)?;
         Ok(Rows { len: rows.len() as u32, first_time_ns: rows.iter().map(|r| r.3).min().unwrap_or(0), json })
     }
 

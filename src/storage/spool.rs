@@ -325,30 +325,51 @@ impl Spool {
 
     /// Up to `max` unacknowledged records after `after`, oldest first.
     pub fn read(&self, after: u64, max: usize) -> Result<Vec<(u64, i64, Vec<u8>)>, SpoolError> {
+        let mut out = Vec::new();
+        self.read_each(after, max, &mut Vec::new(), |seq, at_ns, payload| {
+            out.push((seq, at_ns, payload.to_vec()));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// [`read`](Self::read), handing each record to `each` from `buf`, which
+    /// is reused: records run to hundreds of KB, and a fresh buffer per
+    /// record (zeroed, or faulted in page by page) was ≈ 15 % of the
+    /// ClickHouse writer's CPU. Stops early when `each` returns `false`.
+    /// Returns how many records there were to read.
+    pub fn read_each(
+        &self,
+        after: u64,
+        max: usize,
+        buf: &mut Vec<u8>,
+        mut each: impl FnMut(u64, i64, &[u8]) -> bool,
+    ) -> Result<usize, SpoolError> {
         let metas: Vec<Meta> = self.lock().records.iter().filter(|m| m.seq > after).take(max).copied().collect();
-        let mut out = Vec::with_capacity(metas.len());
         let mut open: Option<(u64, File)> = None;
-        for m in metas {
+        for m in &metas {
             if open.as_ref().is_none_or(|(s, _)| *s != m.segment) {
                 let path = seg_path(&self.dir, m.segment);
                 open = Some((m.segment, File::open(&path).map_err(io(&path))?));
             }
             let (_, f) = open.as_mut().unwrap();
             let path = seg_path(&self.dir, m.segment);
-            let mut buf = vec![0u8; m.len as usize];
-            f.seek(SeekFrom::Start(m.offset + HEADER as u64))
-                .and_then(|_| f.read_exact(&mut buf))
+            let mut header = [0u8; HEADER];
+            buf.clear();
+            buf.reserve(m.len as usize);
+            f.seek(SeekFrom::Start(m.offset))
+                .and_then(|_| f.read_exact(&mut header))
+                .and_then(|_| Read::by_ref(f).take(u64::from(m.len)).read_to_end(buf))
                 .map_err(io(&path))?;
-            if checksum(m.seq, m.at_ns, &buf) != {
-                let mut h = [0u8; 8];
-                f.seek(SeekFrom::Start(m.offset + 20)).and_then(|_| f.read_exact(&mut h)).map_err(io(&path))?;
-                u64::from_le_bytes(h)
-            } {
+            let sum = u64::from_le_bytes(header[20..28].try_into().expect("8 bytes"));
+            if buf.len() != m.len as usize || checksum(m.seq, m.at_ns, buf) != sum {
                 return Err(SpoolError::Corrupt(m.seq));
             }
-            out.push((m.seq, m.at_ns, buf));
+            if !each(m.seq, m.at_ns, buf) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(metas.len())
     }
 
     pub fn set_inflight(&self, range: Option<(u64, u64)>) -> Result<(), SpoolError> {

@@ -9,7 +9,9 @@
 //! and reads, sharded by `cityHash64(process, run_id)` so every row of a run
 //! lands on one shard (the per-run aggregates then converge per shard).
 
+use crate::storage::record::SignalRecord;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// What the DDL depends on.
 #[derive(Debug, Clone)]
@@ -294,12 +296,17 @@ pub const EVENT_COLUMNS: &[(&str, &str)] = &[
     ("resource", "Map(LowCardinality(String), String)"),
 ];
 
+/// One `business_events` row. What the rows of one signal share — its ids,
+/// service and attribute maps — is shared (`Arc`) rather than copied per row:
+/// a signal is ~5 rows, and parsing and copying its attribute JSON for each
+/// was the ClickHouse writer's largest cost. (`Arc<str>` and `Arc<[_]>`
+/// serialize exactly as `String` and `Vec<_>` do.)
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
 pub struct EventRow {
     pub event_id: String,
-    pub signal_id: String,
-    pub process: String,
-    pub run_id: String,
+    pub signal_id: Arc<str>,
+    pub process: Arc<str>,
+    pub run_id: Arc<str>,
     /// DateTime64(9): nanoseconds since the epoch.
     pub time: i64,
     pub kind: String,
@@ -307,49 +314,95 @@ pub struct EventRow {
     pub value: Option<f64>,
     pub text: String,
     pub payload: String,
-    pub service: String,
-    pub trace_id: String,
-    pub span_id: String,
-    pub attributes: Vec<(String, String)>,
-    pub resource: Vec<(String, String)>,
+    pub service: Arc<str>,
+    pub trace_id: Arc<str>,
+    pub span_id: Arc<str>,
+    pub attributes: Arc<[(String, String)]>,
+    pub resource: Arc<[(String, String)]>,
+}
+
+/// The attribute map of the last resource seen: the signals of one export
+/// mostly share one resource, so its JSON is parsed once.
+#[derive(Default)]
+pub struct ResourcePairs(Option<(Arc<str>, Arc<[(String, String)]>)>);
+
+impl ResourcePairs {
+    fn of(&mut self, json: &Arc<str>) -> Arc<[(String, String)]> {
+        match &self.0 {
+            Some((j, pairs)) if Arc::ptr_eq(j, json) || **j == **json => pairs.clone(),
+            _ => {
+                let pairs: Arc<[(String, String)]> = json_to_pairs(json).into();
+                self.0 = Some((json.clone(), pairs.clone()));
+                pairs
+            }
+        }
+    }
 }
 
 impl EventRow {
     pub fn from_event(e: &crate::signal::BusinessEvent) -> EventRow {
         EventRow {
             event_id: e.event_id.clone(),
-            signal_id: e.signal_id.clone(),
-            process: e.process.clone(),
-            run_id: e.run_id.clone(),
+            signal_id: e.signal_id.as_str().into(),
+            process: e.process.as_str().into(),
+            run_id: e.run_id.as_str().into(),
             time: e.time_ns,
             kind: e.kind.clone(),
             name: e.name.clone(),
             value: e.value,
             text: e.text.clone(),
             payload: e.payload.clone(),
-            service: e.service.clone(),
-            trace_id: e.trace_id.clone(),
-            span_id: e.span_id.clone(),
-            attributes: json_to_pairs(&e.attributes),
-            resource: json_to_pairs(&e.resource),
+            service: e.service.as_str().into(),
+            trace_id: e.trace_id.as_str().into(),
+            span_id: e.span_id.as_str().into(),
+            attributes: json_to_pairs(&e.attributes).into(),
+            resource: json_to_pairs(&e.resource).into(),
         }
+    }
+
+    /// Appends the rows of one stored signal (the same rows as
+    /// `SignalRecord::expand` then [`from_event`](Self::from_event), with the
+    /// shared parts parsed and allocated once per signal).
+    pub fn extend_from_signal(out: &mut Vec<EventRow>, s: &SignalRecord, resources: &mut ResourcePairs) {
+        let str = |v: &str| -> Arc<str> { v.into() };
+        let (signal_id, process, run_id) = (str(&s.signal_id), str(&s.process), str(&s.run_id));
+        let (service, trace_id, span_id) = (str(&s.service), str(&s.trace_id), str(&s.span_id));
+        let attributes: Arc<[(String, String)]> = json_to_pairs(&s.attributes).into();
+        let resource = resources.of(&s.resource);
+        out.extend(s.rows.parse().into_iter().map(|r| EventRow {
+            event_id: r.0,
+            signal_id: signal_id.clone(),
+            process: process.clone(),
+            run_id: run_id.clone(),
+            time: r.3,
+            kind: r.1,
+            name: r.2,
+            value: r.4,
+            text: r.5,
+            payload: r.6,
+            service: service.clone(),
+            trace_id: trace_id.clone(),
+            span_id: span_id.clone(),
+            attributes: attributes.clone(),
+            resource: resource.clone(),
+        }));
     }
 
     pub fn into_event(self) -> crate::signal::BusinessEvent {
         crate::signal::BusinessEvent {
             event_id: self.event_id,
-            signal_id: self.signal_id,
-            process: self.process,
-            run_id: self.run_id,
+            signal_id: self.signal_id.to_string(),
+            process: self.process.to_string(),
+            run_id: self.run_id.to_string(),
             time_ns: self.time,
             kind: self.kind,
             name: self.name,
             value: self.value,
             text: self.text,
             payload: self.payload,
-            service: self.service,
-            trace_id: self.trace_id,
-            span_id: self.span_id,
+            service: self.service.to_string(),
+            trace_id: self.trace_id.to_string(),
+            span_id: self.span_id.to_string(),
             attributes: pairs_to_json(&self.attributes),
             resource: pairs_to_json(&self.resource),
         }
@@ -405,6 +458,46 @@ pub struct ViolationRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_built_per_signal_equal_rows_built_per_event_and_share_what_they_share() {
+        use crate::signal::{Fact, Signal, SignalKind};
+        let resource: Arc<[(String, String)]> = vec![("service.name".to_string(), "billing".to_string())].into();
+        let signal = |id: u128| Signal {
+            id,
+            kind: SignalKind::Span,
+            process: "import".into(),
+            run_id: Some("r1".into()),
+            trace_id: "ab".repeat(16),
+            span_id: "cd".repeat(8),
+            name: "step \"quoted\"".into(),
+            start_ns: 10,
+            time_ns: 20,
+            text: "line\nbreak".into(),
+            service: "billing".into(),
+            attributes: vec![("b.count".into(), "7".into()), ("a.note".into(), "é".into())],
+            resource: resource.clone(),
+            facts: vec![
+                Fact::Records { outcome: "imported".into(), count: 3.0 },
+                Fact::Milestone("fetched".into()),
+                Fact::Payload("{\"k\":1}".into()),
+            ],
+        };
+        let mut memo = crate::storage::record::ResourceMemo::default();
+        let records: Vec<SignalRecord> =
+            [1, 2].map(|id| SignalRecord::from_signal_memo(&signal(id), "r1", &mut memo)).into();
+        let mut rows = Vec::new();
+        let mut resources = ResourcePairs::default();
+        for r in &records {
+            EventRow::extend_from_signal(&mut rows, r, &mut resources);
+        }
+        let per_event: Vec<EventRow> =
+            records.iter().flat_map(|r| r.expand()).map(|e| EventRow::from_event(&e)).collect();
+        assert_eq!(rows.len(), 8);
+        assert_eq!(rows, per_event);
+        assert!(Arc::ptr_eq(&rows[0].attributes, &rows[3].attributes), "one signal's rows share its attributes");
+        assert!(Arc::ptr_eq(&rows[0].resource, &rows[4].resource), "signals of one resource share its map");
+    }
 
     #[test]
     fn cluster_ddl_uses_on_cluster_replicated_and_distributed() {

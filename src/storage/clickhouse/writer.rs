@@ -10,7 +10,9 @@
 //! and jitter; permanent ones (schema or type errors) move the group to the
 //! dead-letter file with the reason, so nothing is retried forever.
 
-use super::schema::{AliasRow, EventRow, RunStateRow, ViolationRow, ALIASES, EVENTS, PROCESS_VIOLATIONS, RUN_STATE};
+use super::schema::{
+    AliasRow, EventRow, ResourcePairs, RunStateRow, ViolationRow, ALIASES, EVENTS, PROCESS_VIOLATIONS, RUN_STATE,
+};
 use super::StoreShared;
 use crate::storage::spool::SpoolBatch;
 use std::collections::{HashMap, HashSet};
@@ -81,17 +83,18 @@ struct Group {
     first: u64,
     last: u64,
     batches: Vec<(i64, SpoolBatch)>,
-    raw: Vec<Vec<u8>>,
 }
 
 pub async fn run(shared: Arc<StoreShared>) {
     let mut attempt = 0u32;
+    // Spool records are read into this one buffer (see `Spool::read_each`).
+    let mut buf = Vec::new();
     loop {
         // On stop, what is still spooled stays on disk and is replayed at the next start.
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
-        let group = match next_group(&shared).await {
+        let group = match next_group(&shared, &mut buf).await {
             Ok(Some(g)) => g,
             Ok(None) => continue,
             Err(e) => {
@@ -144,15 +147,20 @@ fn finish(shared: &StoreShared, g: &Group) {
 /// `batch_max_rows` rows, and the group is built from what was read: a
 /// backlog in the spool is never read whole to cut one group, and no record
 /// is read or decoded twice.
-async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
+async fn next_group(shared: &StoreShared, buf: &mut Vec<u8>) -> Result<Option<Group>, String> {
     let ledger = shared.spool.ledger();
     if let Some((first, last)) = ledger.inflight {
-        let recs = shared.spool.read(first - 1, (last - first + 1) as usize).map_err(|e| e.to_string())?;
-        let recs = recs.into_iter().filter(|r| r.0 <= last).map(|(seq, _, payload)| {
-            let decoded = SpoolBatch::decode(&payload);
-            (seq, payload, decoded)
-        });
-        return Ok(Some(build_group(shared, first, last, recs.collect())));
+        let mut batches = Vec::new();
+        shared
+            .spool
+            .read_each(first - 1, (last - first + 1) as usize, buf, |seq, _, payload| {
+                if seq <= last {
+                    decode_into(shared, &mut batches, seq, payload);
+                }
+                seq < last
+            })
+            .map_err(|e| e.to_string())?;
+        return Ok(Some(Group { first, last, batches }));
     }
     let Some(oldest) = shared.spool.oldest_at_ns() else {
         tokio::select! {
@@ -167,19 +175,20 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
     let mut recs = Vec::new();
     let mut rows = 0usize;
     let mut last = ledger.acked;
-    'cut: loop {
-        let chunk = shared.spool.read(last, CHUNK).map_err(|e| e.to_string())?;
-        let n = chunk.len();
-        for (seq, _, payload) in chunk {
-            let decoded = SpoolBatch::decode(&payload);
-            rows += decoded.as_ref().map(|b| b.event_count().max(1)).unwrap_or(1);
-            last = seq;
-            recs.push((seq, payload, decoded));
-            if rows >= shared.cfg.batch_max_rows {
-                break 'cut;
-            }
-        }
-        if n < CHUNK {
+    loop {
+        // Decoded one at a time, stopping where the group is full: what
+        // lies past the cut is read and decoded for the next group only.
+        let n = shared
+            .spool
+            .read_each(last, CHUNK, buf, |seq, _, payload| {
+                let decoded = SpoolBatch::decode(payload);
+                rows += decoded.as_ref().map(|b| b.event_count().max(1)).unwrap_or(1);
+                last = seq;
+                recs.push((seq, decoded));
+                rows < shared.cfg.batch_max_rows
+            })
+            .map_err(|e| e.to_string())?;
+        if n < CHUNK || rows >= shared.cfg.batch_max_rows {
             break;
         }
     }
@@ -199,31 +208,46 @@ async fn next_group(shared: &StoreShared) -> Result<Option<Group>, String> {
     }
     let first = ledger.acked + 1;
     shared.spool.set_inflight(Some((first, last))).map_err(|e| e.to_string())?;
-    Ok(Some(build_group(shared, first, last, recs)))
-}
-
-type Decoded = (u64, Vec<u8>, Result<SpoolBatch, serde_json::Error>);
-
-fn build_group(shared: &StoreShared, first: u64, last: u64, recs: Vec<Decoded>) -> Group {
+    // Only now, with the group cut: an undecodable record goes to the
+    // dead-letter file once, not at every look at a group still filling.
     let mut batches = Vec::with_capacity(recs.len());
-    let mut raw = Vec::with_capacity(recs.len());
-    for (seq, payload, decoded) in recs {
+    for (seq, decoded) in recs {
         match decoded {
             Ok(b) => batches.push((seq as i64, b)),
-            Err(e) => {
-                tracing::error!(seq, error = %e, "undecodable spool record; moved to the dead-letter file");
-                dead_letter_raw(shared, &payload, &format!("undecodable spool record {seq}: {e}"));
-            }
+            Err(e) => undecodable(shared, seq, &e),
         }
-        raw.push(payload);
     }
-    Group { first, last, batches, raw }
+    Ok(Some(Group { first, last, batches }))
+}
+
+fn decode_into(shared: &StoreShared, batches: &mut Vec<(i64, SpoolBatch)>, seq: u64, payload: &[u8]) {
+    match SpoolBatch::decode(payload) {
+        Ok(b) => batches.push((seq as i64, b)),
+        Err(e) => undecodable(shared, seq, &e),
+    }
+}
+
+/// A record that does not decode cannot be delivered: it goes to the
+/// dead-letter file (re-read from the spool, which still holds it).
+fn undecodable(shared: &StoreShared, seq: u64, e: &serde_json::Error) {
+    tracing::error!(seq, error = %e, "undecodable spool record; moved to the dead-letter file");
+    let reason = format!("undecodable spool record {seq}: {e}");
+    let res = shared.spool.read_each(seq - 1, 1, &mut Vec::new(), |_, _, raw| {
+        dead_letter_raw(shared, raw, &reason);
+        false
+    });
+    if let Err(e) = res {
+        tracing::error!(seq, error = %e, "cannot re-read an undecodable spool record for the dead-letter file");
+    }
 }
 
 async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
     let token = |table: &str, part: usize| format!("{}:{}-{}:{table}:{part}", shared.spool_id, g.first, g.last);
-    let events: Vec<EventRow> =
-        g.batches.iter().flat_map(|(_, b)| b.events().map(|e| EventRow::from_event(&e))).collect();
+    let mut events = Vec::with_capacity(g.batches.iter().map(|(_, b)| b.event_count()).sum());
+    let mut resources = ResourcePairs::default();
+    for s in g.batches.iter().flat_map(|(_, b)| &b.signals) {
+        EventRow::extend_from_signal(&mut events, s, &mut resources);
+    }
     let events = without_stored(shared, events).await?;
     insert(shared, EVENTS, &events, &token(EVENTS, 0)).await?;
     if !events.is_empty() {
@@ -261,6 +285,7 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
     // run id (ClickHouse is append-only) and tombstone the old run in run_state.
     let mut part = 0;
     let mut states: HashMap<(String, String), RunStateRow> = HashMap::new();
+    let mut newest: HashMap<(String, String), Arc<crate::runs::run::ProcessRun>> = HashMap::new();
     for (_, b) in &g.batches {
         for (from, to) in &b.merges {
             part += 1;
@@ -274,7 +299,7 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
                 .map_err(|e| classify(&e))?
                 .into_iter()
                 .map(|mut e| {
-                    e.run_id = to.clone();
+                    e.run_id = to.as_str().into();
                     e
                 })
                 .collect();
@@ -291,18 +316,26 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
             states.insert((from.process.clone(), from.run_id.clone()), tomb);
         }
         for r in &b.runs {
-            let row = RunStateRow {
-                process: r.process.clone(),
-                run_id: r.run_id.clone(),
-                status: r.status.as_str().into(),
-                state: serde_json::to_string(r).unwrap_or_default(),
-                version: b.written_ns as u64,
-                deleted: 0,
-            };
             let key = (r.process.clone(), r.run_id.clone());
-            if states.get(&key).is_none_or(|cur| cur.version <= row.version) {
+            let version = b.written_ns as u64;
+            if states.get(&key).is_none_or(|cur| cur.version <= version) {
+                // The state JSON is made below, once, for the newest state only.
+                let row = RunStateRow {
+                    process: r.process.clone(),
+                    run_id: r.run_id.clone(),
+                    status: r.status.as_str().into(),
+                    state: String::new(),
+                    version,
+                    deleted: 0,
+                };
+                newest.insert(key.clone(), r.clone());
                 states.insert(key, row);
             }
+        }
+    }
+    for (key, row) in states.iter_mut() {
+        if let Some(r) = newest.get(key).filter(|_| row.deleted == 0) {
+            row.state = serde_json::to_string(&**r).unwrap_or_default();
         }
     }
     let mut states: Vec<RunStateRow> = states.into_values().collect();
@@ -316,29 +349,41 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
 /// the materialized views sum are not counted twice. Deterministic event ids
 /// make this a lookup; a retried group additionally carries the same
 /// deduplication token.
-async fn without_stored(shared: &StoreShared, events: Vec<EventRow>) -> Result<Vec<EventRow>, Failure> {
-    let mut seen: HashSet<(String, String, String)> = HashSet::new();
-    let mut events: Vec<EventRow> =
-        events.into_iter().filter(|e| seen.insert((e.process.clone(), e.run_id.clone(), e.event_id.clone()))).collect();
-    let mut stored: HashSet<(String, String, String)> = HashSet::new();
-    // Chunks keep the query text (values are inlined by the client) under max_query_size.
+async fn without_stored(shared: &StoreShared, mut events: Vec<EventRow>) -> Result<Vec<EventRow>, Failure> {
+    let mut seen = HashSet::new();
+    events.retain(|e| seen.insert(event_key(&e.process, &e.run_id, &e.event_id)));
+    let mut stored = HashSet::new();
+    // Chunks keep the query text (values are inlined by the client) under
+    // max_query_size. Asked by signal id (a signal's rows are always in one
+    // group): a fifth of the ids to send and escape, the same answer.
     for chunk in events.chunks(2000) {
-        let processes: HashSet<&str> = chunk.iter().map(|e| e.process.as_str()).collect();
-        let runs: HashSet<&str> = chunk.iter().map(|e| e.run_id.as_str()).collect();
-        let ids: Vec<&str> = chunk.iter().map(|e| e.event_id.as_str()).collect();
+        let processes: HashSet<&str> = chunk.iter().map(|e| &*e.process).collect();
+        let runs: HashSet<&str> = chunk.iter().map(|e| &*e.run_id).collect();
+        let signals: HashSet<&str> = chunk.iter().map(|e| &*e.signal_id).collect();
         let rows: Vec<(String, String, String)> = shared
             .client
-            .query("SELECT DISTINCT toString(process), run_id, event_id FROM business_events WHERE process IN ? AND run_id IN ? AND event_id IN ?")
+            .query("SELECT DISTINCT toString(process), run_id, event_id FROM business_events WHERE process IN ? AND run_id IN ? AND signal_id IN ?")
             .bind(processes.into_iter().collect::<Vec<_>>())
             .bind(runs.into_iter().collect::<Vec<_>>())
-            .bind(ids)
+            .bind(signals.into_iter().collect::<Vec<_>>())
             .fetch_all()
             .await
             .map_err(|e| classify(&e))?;
-        stored.extend(rows);
+        stored.extend(rows.iter().map(|(p, r, e)| event_key(p, r, e)));
     }
-    events.retain(|e| !stored.contains(&(e.process.clone(), e.run_id.clone(), e.event_id.clone())));
+    events.retain(|e| !stored.contains(&event_key(&e.process, &e.run_id, &e.event_id)));
     Ok(events)
+}
+
+/// A row's identity (process, run, event id) as a 128-bit hash: set
+/// membership without copying three strings per row.
+fn event_key(process: &str, run_id: &str, event_id: &str) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for part in [process, run_id, event_id] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.digest128()
 }
 
 async fn insert<T>(shared: &StoreShared, table: &str, rows: &[T], token: &str) -> Result<(), Failure>
@@ -371,9 +416,17 @@ where
     ins.end().await.map_err(|e| classify(&e))
 }
 
+/// The group's records, as spooled, to the dead-letter file (re-read: the
+/// spool keeps them until the group is finished).
 fn dead_letter(shared: &StoreShared, g: &Group, reason: &str) {
-    for raw in &g.raw {
-        dead_letter_raw(shared, raw, reason);
+    let res = shared.spool.read_each(g.first - 1, (g.last + 1 - g.first) as usize, &mut Vec::new(), |seq, _, raw| {
+        if seq <= g.last {
+            dead_letter_raw(shared, raw, reason)
+        }
+        seq < g.last
+    });
+    if let Err(e) = res {
+        tracing::error!(error = %e, first = g.first, last = g.last, "cannot re-read a group for the dead-letter file");
     }
 }
 
