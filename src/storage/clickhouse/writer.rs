@@ -14,7 +14,7 @@ use super::schema::{
     AliasRow, EventRow, ResourcePairs, RunStateRow, ViolationRow, ALIASES, EVENTS, PROCESS_VIOLATIONS, RUN_STATE,
 };
 use super::StoreShared;
-use crate::storage::spool::SpoolBatch;
+use crate::storage::spool::{RunStateJson, SpoolBatch};
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
@@ -82,7 +82,7 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
 struct Group {
     first: u64,
     last: u64,
-    batches: Vec<(i64, SpoolBatch)>,
+    batches: Vec<(i64, SpoolBatch<RunStateJson>)>,
 }
 
 pub async fn run(shared: Arc<StoreShared>) {
@@ -181,7 +181,7 @@ async fn next_group(shared: &StoreShared, buf: &mut Vec<u8>) -> Result<Option<Gr
         let n = shared
             .spool
             .read_each(last, CHUNK, buf, |seq, _, payload| {
-                let decoded = SpoolBatch::decode(payload);
+                let decoded = SpoolBatch::decode_as(payload);
                 rows += decoded.as_ref().map(|b| b.event_count().max(1)).unwrap_or(1);
                 last = seq;
                 recs.push((seq, decoded));
@@ -220,8 +220,8 @@ async fn next_group(shared: &StoreShared, buf: &mut Vec<u8>) -> Result<Option<Gr
     Ok(Some(Group { first, last, batches }))
 }
 
-fn decode_into(shared: &StoreShared, batches: &mut Vec<(i64, SpoolBatch)>, seq: u64, payload: &[u8]) {
-    match SpoolBatch::decode(payload) {
+fn decode_into(shared: &StoreShared, batches: &mut Vec<(i64, SpoolBatch<RunStateJson>)>, seq: u64, payload: &[u8]) {
+    match SpoolBatch::decode_as(payload) {
         Ok(b) => batches.push((seq as i64, b)),
         Err(e) => undecodable(shared, seq, &e),
     }
@@ -285,7 +285,7 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
     // run id (ClickHouse is append-only) and tombstone the old run in run_state.
     let mut part = 0;
     let mut states: HashMap<(String, String), RunStateRow> = HashMap::new();
-    let mut newest: HashMap<(String, String), Arc<crate::runs::run::ProcessRun>> = HashMap::new();
+    let mut newest: HashMap<(String, String), &RunStateJson> = HashMap::new();
     for (_, b) in &g.batches {
         for (from, to) in &b.merges {
             part += 1;
@@ -328,14 +328,14 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
                     version,
                     deleted: 0,
                 };
-                newest.insert(key.clone(), r.clone());
+                newest.insert(key.clone(), r);
                 states.insert(key, row);
             }
         }
     }
     for (key, row) in states.iter_mut() {
         if let Some(r) = newest.get(key).filter(|_| row.deleted == 0) {
-            row.state = serde_json::to_string(&**r).unwrap_or_default();
+            row.state = r.json.get().to_string();
         }
     }
     let mut states: Vec<RunStateRow> = states.into_values().collect();
