@@ -230,6 +230,10 @@ fn start_sink(upstream: &str, stats: Arc<SinkStats>) -> (String, tokio::runtime:
     let sink = Arc::new(Sink { upstream: upstream.to_string(), http: reqwest::Client::new(), stats });
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    // As a ClickHouse server does: no Nagle delay on its answers.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |s: &mut tokio::net::TcpStream| {
+        let _ = s.set_nodelay(true);
+    });
     let app =
         axum::Router::new().fallback(sink_handle).layer(axum::extract::DefaultBodyLimit::disable()).with_state(sink);
     rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
