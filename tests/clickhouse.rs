@@ -201,6 +201,39 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
 }
 
 #[test]
+fn an_undecodable_spool_record_is_dead_lettered_once_and_the_rest_delivered() {
+    let ch = ChServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = unique_db("dead");
+    let cfg = ch.config(&db);
+    let dir = tempfile::tempdir().unwrap();
+    let t = bizsignal::now_ns();
+    let mut run = ProcessRun::new(&RunKey { process: "import".into(), run_id: "r1".into() }, t);
+    let b = batch(&mut run, &[signal(1, "r1", t, 10.0)]);
+    drop(open(&rt, &cfg, dir.path()));
+    {
+        // Checksummed (so not a torn tail) but not a batch, between two good records.
+        let spool = bizsignal::storage::spool::Spool::open(&dir.path().join("clickhouse-spool"), 1 << 30).unwrap();
+        let good = bizsignal::storage::spool::SpoolBatch::encode(&b);
+        spool.append(&good).unwrap();
+        spool.append(br#"{"written_ns": 1, "not": "a batch"}"#).unwrap();
+        let mut run2 = ProcessRun::new(&RunKey { process: "import".into(), run_id: "r2".into() }, t);
+        spool
+            .append(&bizsignal::storage::spool::SpoolBatch::encode(&batch(&mut run2, &[signal(2, "r2", t, 4.0)])))
+            .unwrap();
+    }
+    let store = open(&rt, &cfg, dir.path());
+    store.flush(Duration::from_secs(30)).unwrap();
+    drop(store);
+    let dead = std::fs::read_to_string(dir.path().join("clickhouse-dead-letter.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(dead.contains("undecodable spool record 2") && dead.contains("a batch"), "{dead}");
+    let counts =
+        tsv(&rt, &ch, &db, "SELECT run_id, sumMap(counts) FROM {db}.process_runs GROUP BY run_id ORDER BY run_id");
+    assert_eq!(counts, "r1\t{'ok':10}\nr2\t{'ok':4}");
+}
+
+#[test]
 fn two_instances_writing_one_run_converge() {
     let ch = ChServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();

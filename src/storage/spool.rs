@@ -491,6 +491,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn run_states_decode_whole_or_as_the_json_written() {
+        let key = RunKey { process: "import".into(), run_id: "r\"1".into() };
+        let mut run = ProcessRun::new(&key, 5);
+        run.status = RunStatus::Stalled;
+        run.signal_count = 3;
+        let b = WriteBatch { runs: vec![Arc::new(run.clone())], ..Default::default() };
+        let payload = SpoolBatch::encode(&b);
+        let whole = SpoolBatch::decode(&payload).unwrap();
+        assert_eq!(*whole.runs[0], run);
+        let raw = SpoolBatch::<RunStateJson>::decode_as(&payload).unwrap();
+        let r = &raw.runs[0];
+        assert_eq!((r.process.as_str(), r.run_id.as_str(), r.status), ("import", "r\"1", RunStatus::Stalled));
+        assert_eq!(r.json.get(), serde_json::to_string(&run).unwrap(), "the state as the writer used to re-make it");
+        assert!(
+            SpoolBatch::<RunStateJson>::decode_as(
+                br#"{"written_ns":1,"runs":[{"process":"p"}],"merges":[],"aliases":[],"process_violations":[]}"#
+            )
+            .is_err(),
+            "a state without its key is an undecodable record"
+        );
+    }
+
+    #[test]
+    fn read_each_reuses_one_buffer_and_stops_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..5u8 {
+            spool.append(&vec![i; 1000 + i as usize]).unwrap();
+        }
+        let mut buf = Vec::new();
+        let mut seen = Vec::new();
+        let n = spool
+            .read_each(1, 10, &mut buf, |seq, _, payload| {
+                seen.push((seq, payload.len(), payload[0]));
+                seq < 4
+            })
+            .unwrap();
+        assert_eq!(n, 4, "records after seq 1");
+        assert_eq!(seen, [(2, 1001, 1), (3, 1002, 2), (4, 1003, 3)], "stopped after the callback said so");
+        assert!(buf.capacity() >= 1003);
+        assert_eq!(spool.read(0, 2).unwrap().iter().map(|r| r.2.len()).collect::<Vec<_>>(), [1000, 1001]);
+    }
+
+    #[test]
     fn append_read_ack_reopen_and_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
