@@ -42,6 +42,28 @@ fn batch(run: &mut ProcessRun, signals: &[Signal]) -> WriteBatch {
     b
 }
 
+/// A chDB endpoint, a runtime, a fresh database and a data dir for one test.
+struct Fixture {
+    ch: ChServer,
+    rt: tokio::runtime::Runtime,
+    db: String,
+    cfg: bizsignal::config::ClickHouseConfig,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(db_prefix: &str) -> Fixture {
+        let ch = ChServer::start();
+        let db = unique_db(db_prefix);
+        let cfg = ch.config(&db);
+        Fixture { ch, rt: tokio::runtime::Runtime::new().unwrap(), db, cfg, dir: tempfile::tempdir().unwrap() }
+    }
+}
+
+fn run_r1(t: i64) -> ProcessRun {
+    ProcessRun::new(&RunKey { process: "import".into(), run_id: "r1".into() }, t)
+}
+
 fn open(
     rt: &tokio::runtime::Runtime,
     cfg: &bizsignal::config::ClickHouseConfig,
@@ -123,13 +145,9 @@ fn bad_password_and_unreachable_url_name_the_url_not_the_password() {
 
 #[test]
 fn same_group_replayed_after_a_crash_is_not_duplicated() {
-    let ch = ChServer::start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let db = unique_db("dup");
-    let cfg = ch.config(&db);
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { ch, rt, db, cfg, dir } = Fixture::new("dup");
     let t = bizsignal::now_ns();
-    let mut run = ProcessRun::new(&RunKey { process: "import".into(), run_id: "r1".into() }, t);
+    let mut run = run_r1(t);
     let b = batch(&mut run, &[signal(1, "r1", t, 10.0), signal(3, "r1", t + 1, 5.0)]);
     // Spool the batch with a writer that cannot reach ClickHouse, and keep a copy of the spool.
     let store = open(&rt, &cfg, dir.path());
@@ -202,14 +220,9 @@ fn same_group_replayed_after_a_crash_is_not_duplicated() {
 
 #[test]
 fn an_undecodable_spool_record_is_dead_lettered_once_and_the_rest_delivered() {
-    let ch = ChServer::start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let db = unique_db("dead");
-    let cfg = ch.config(&db);
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { ch, rt, db, cfg, dir } = Fixture::new("dead");
     let t = bizsignal::now_ns();
-    let mut run = ProcessRun::new(&RunKey { process: "import".into(), run_id: "r1".into() }, t);
-    let b = batch(&mut run, &[signal(1, "r1", t, 10.0)]);
+    let b = batch(&mut run_r1(t), &[signal(1, "r1", t, 10.0)]);
     drop(open(&rt, &cfg, dir.path()));
     {
         // Checksummed (so not a torn tail) but not a batch, between two good records.

@@ -630,11 +630,12 @@ fn any_to_json(v: &AnyValue) -> serde_json::Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use opentelemetry_proto::tonic::trace::v1::ScopeSpans;
 
-    fn kv(k: &str, v: &str) -> KeyValue {
+    /// A string attribute (shared with the lazy decoder's tests).
+    pub(crate) fn kv(k: &str, v: &str) -> KeyValue {
         KeyValue {
             key: k.into(),
             value: Some(AnyValue { value: Some(Value::StringValue(v.into())) }),

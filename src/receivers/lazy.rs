@@ -254,15 +254,8 @@ fn varint(buf: &mut &[u8]) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
-
-    fn kv(k: &str, v: &str) -> KeyValue {
-        KeyValue {
-            key: k.into(),
-            value: Some(AnyValue { value: Some(Value::StringValue(v.into())) }),
-            ..Default::default()
-        }
-    }
+    use crate::classify::tests::kv;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
 
     fn span(name: &str, attrs: Vec<KeyValue>) -> Span {
         Span {
