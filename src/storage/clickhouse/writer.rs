@@ -285,7 +285,6 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
     // run id (ClickHouse is append-only) and tombstone the old run in run_state.
     let mut part = 0;
     let mut states: HashMap<(String, String), RunStateRow> = HashMap::new();
-    let mut newest: HashMap<(String, String), &RunStateJson> = HashMap::new();
     for (_, b) in &g.batches {
         for (from, to) in &b.merges {
             part += 1;
@@ -319,23 +318,17 @@ async fn deliver(shared: &StoreShared, g: &Group) -> Result<(), Failure> {
             let key = (r.process.clone(), r.run_id.clone());
             let version = b.written_ns as u64;
             if states.get(&key).is_none_or(|cur| cur.version <= version) {
-                // The state JSON is made below, once, for the newest state only.
                 let row = RunStateRow {
                     process: r.process.clone(),
                     run_id: r.run_id.clone(),
                     status: r.status.as_str().into(),
-                    state: String::new(),
+                    // As journaled: a copy, not a parse and re-serialization.
+                    state: r.json.get().to_string(),
                     version,
                     deleted: 0,
                 };
-                newest.insert(key.clone(), r);
                 states.insert(key, row);
             }
-        }
-    }
-    for (key, row) in states.iter_mut() {
-        if let Some(r) = newest.get(key).filter(|_| row.deleted == 0) {
-            row.state = r.json.get().to_string();
         }
     }
     let mut states: Vec<RunStateRow> = states.into_values().collect();
