@@ -160,7 +160,7 @@ impl SignalRecord {
             trace_id: s.trace_id.clone(),
             span_id: s.span_id.clone(),
             attributes: json_object(&s.attributes),
-            resource: memo.json(&s.resource),
+            resource: memo.get_or_make(&s.resource, |pairs| json_object(pairs).into()),
             rows: w.finish(),
         }
     }
@@ -280,23 +280,33 @@ impl RowsWriter {
     }
 }
 
-/// The last resource seen and its JSON.
-#[derive(Default)]
-pub struct ResourceMemo(Option<(Arc<[(String, String)]>, Arc<str>)>);
+/// The last shared value seen (a resource's attributes, or its JSON) and
+/// what was made of it: the signals of one export mostly share one resource,
+/// so it is converted once, not once per signal.
+pub struct LastShared<T: ?Sized, V>(Option<(Arc<T>, V)>);
 
-impl ResourceMemo {
-    fn json(&mut self, pairs: &Arc<[(String, String)]>) -> Arc<str> {
+impl<T: ?Sized, V> Default for LastShared<T, V> {
+    fn default() -> Self {
+        LastShared(None)
+    }
+}
+
+impl<T: ?Sized + PartialEq, V: Clone> LastShared<T, V> {
+    /// `make(key)`, or what it made last time for an equal key (mostly the same `Arc`).
+    pub fn get_or_make(&mut self, key: &Arc<T>, make: impl FnOnce(&T) -> V) -> V {
         match &self.0 {
-            // The signals of one resource share its pairs: mostly a pointer compare.
-            Some((p, j)) if Arc::ptr_eq(p, pairs) || **p == **pairs => j.clone(),
+            Some((k, v)) if Arc::ptr_eq(k, key) || **k == **key => v.clone(),
             _ => {
-                let j: Arc<str> = json_object(pairs).into();
-                self.0 = Some((pairs.clone(), j.clone()));
-                j
+                let v = make(key);
+                self.0 = Some((key.clone(), v.clone()));
+                v
             }
         }
     }
 }
+
+/// A resource's attributes → its JSON (the tracker, per commit).
+pub type ResourceMemo = LastShared<[(String, String)], Arc<str>>;
 
 /// A JSON object of string pairs, keys sorted, the last of a repeated key
 /// winning: byte for byte what serde_json makes of the pairs collected into a

@@ -9,7 +9,7 @@
 //! and reads, sharded by `cityHash64(process, run_id)` so every row of a run
 //! lands on one shard (the per-run aggregates then converge per shard).
 
-use crate::storage::record::SignalRecord;
+use crate::storage::record::{LastShared, SignalRecord};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -321,23 +321,8 @@ pub struct EventRow {
     pub resource: Arc<[(String, String)]>,
 }
 
-/// The attribute map of the last resource seen: the signals of one export
-/// mostly share one resource, so its JSON is parsed once.
-#[derive(Default)]
-pub struct ResourcePairs(Option<(Arc<str>, Arc<[(String, String)]>)>);
-
-impl ResourcePairs {
-    fn of(&mut self, json: &Arc<str>) -> Arc<[(String, String)]> {
-        match &self.0 {
-            Some((j, pairs)) if Arc::ptr_eq(j, json) || **j == **json => pairs.clone(),
-            _ => {
-                let pairs: Arc<[(String, String)]> = json_to_pairs(json).into();
-                self.0 = Some((json.clone(), pairs.clone()));
-                pairs
-            }
-        }
-    }
-}
+/// A resource's JSON → its attribute map (the ClickHouse writer, per group).
+pub type ResourcePairs = LastShared<str, Arc<[(String, String)]>>;
 
 impl EventRow {
     pub fn from_event(e: &crate::signal::BusinessEvent) -> EventRow {
@@ -368,7 +353,7 @@ impl EventRow {
         let (signal_id, process, run_id) = (str(&s.signal_id), str(&s.process), str(&s.run_id));
         let (service, trace_id, span_id) = (str(&s.service), str(&s.trace_id), str(&s.span_id));
         let attributes: Arc<[(String, String)]> = json_to_pairs(&s.attributes).into();
-        let resource = resources.of(&s.resource);
+        let resource = resources.get_or_make(&s.resource, |json| json_to_pairs(json).into());
         out.extend(s.rows.parse().into_iter().map(|r| EventRow {
             event_id: r.0,
             signal_id: signal_id.clone(),
