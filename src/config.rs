@@ -226,8 +226,8 @@ pub struct PipelineConfig {
     /// signals are checked against storage (exact either way).
     #[serde(deserialize_with = "de_duration")]
     pub dedup_window: Duration,
-    /// The longest the tracker waits for more batches after the first before
-    /// committing (group commit): fewer, larger journal fsyncs under
+    /// The longest the tracker keeps a commit open for more batches after
+    /// the first (group commit): fewer, larger journal fsyncs under
     /// concurrent load at the price of up to this much acknowledgement
     /// latency. Adaptive: it stops waiting while waits gather nothing.
     #[serde(deserialize_with = "de_duration")]
@@ -236,7 +236,9 @@ pub struct PipelineConfig {
 
 /// Adaptive (`runs::linger`): the tracker only waits while waiting gathers
 /// batches, so a client that exports one request at a time rarely pays it.
-const LINGER_MS: u64 = 25;
+/// 50 ms: senders at a steady pace share one `fdatasync` per ~50 ms
+/// (docs/benchmarks.md, session 10).
+const LINGER_MS: u64 = 50;
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -380,7 +382,7 @@ pub struct SqliteConfig {
 
 impl Default for SqliteConfig {
     fn default() -> Self {
-        SqliteConfig { path: None, commit_interval: Duration::from_millis(500), journal_max_bytes: 256 << 20 }
+        SqliteConfig { path: None, commit_interval: Duration::from_secs(2), journal_max_bytes: 256 << 20 }
     }
 }
 
