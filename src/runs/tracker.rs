@@ -248,7 +248,13 @@ const LOAD_SPAN: Duration = Duration::from_millis(250);
 /// for the next batch, then for each further one at the pace they came
 /// ([`GroupCommit::next_wait`]), and closes it once a wait gathers nothing,
 /// it holds `max` batches or [`ENOUGH_TO_COMMIT`] signals.
-fn gather(rx: &Receiver<Submission>, group: &mut GroupCommit, batch: &mut Vec<Submission>, deadline: Instant, max: usize) {
+fn gather(
+    rx: &Receiver<Submission>,
+    group: &mut GroupCommit,
+    batch: &mut Vec<Submission>,
+    deadline: Instant,
+    max: usize,
+) {
     let mut first = true;
     let mut signals: usize = batch.iter().map(|s| s.signals.len()).sum();
     while batch.len() < max && signals < ENOUGH_TO_COMMIT {
