@@ -231,6 +231,9 @@ impl SqliteStore {
             let c = Connection::open(path)
                 .map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
             c.busy_timeout(std::time::Duration::from_secs(30))?;
+            // Takes effect only while the file is still empty (before WAL
+            // mode writes its header); an existing database keeps its size.
+            c.pragma_update(None, "page_size", cfg.page_size as i64)?;
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.pragma_update(None, "synchronous", "FULL")?;
             c.pragma_update(None, "foreign_keys", "ON")?;
@@ -882,6 +885,26 @@ mod tests {
 
     fn slow() -> SqliteConfig {
         SqliteConfig { commit_interval: Duration::from_secs(60), ..Default::default() }
+    }
+
+    fn page_size(db: &Path) -> i64 {
+        Connection::open(db).unwrap().query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_new_database_gets_the_configured_page_size_and_an_existing_one_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("b.db");
+        let store = SqliteStore::open_with(&db, &SqliteConfig { page_size: 8192, ..slow() }, None).unwrap();
+        store.write(batch("r", 3)).unwrap();
+        drop(store);
+        assert_eq!(page_size(&db), 8192);
+        assert_eq!(SqliteConfig::default().page_size, 16384);
+        let store = SqliteStore::open_with(&db, &SqliteConfig { page_size: 65536, ..slow() }, None).unwrap();
+        assert_eq!(page_size(&db), 8192, "not rewritten");
+        let key = RunKey { process: "import".into(), run_id: "r".into() };
+        assert_eq!(store.get_run(&key).unwrap().map(|r| r.signal_count), Some(3), "and still readable");
+        assert_eq!(store.run_events(&key, 100).unwrap().len(), 1);
     }
 
     fn segments(db: &Path) -> Vec<PathBuf> {
