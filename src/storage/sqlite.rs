@@ -242,7 +242,8 @@ impl SqliteStore {
             // commit), and checkpoints every 32 MiB of WAL instead of 4 MiB so a
             // page rewritten by many commits is copied back once.
             c.pragma_update(None, "cache_size", -32768)?;
-            c.pragma_update(None, "wal_autocheckpoint", 8192)?;
+            let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            c.pragma_update(None, "wal_autocheckpoint", (32 << 20) / page.max(512))?;
             Ok(c)
         };
         let writer = open()?;
@@ -897,6 +898,9 @@ mod tests {
         let db = dir.path().join("b.db");
         let store = SqliteStore::open_with(&db, &SqliteConfig { page_size: 8192, ..slow() }, None).unwrap();
         store.write(batch("r", 3)).unwrap();
+        let checkpoint_pages: i64 =
+            lock(&store.shared.writer).query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)).unwrap();
+        assert_eq!(checkpoint_pages, 4096, "checkpoints every 32 MiB of WAL, whatever the page size");
         drop(store);
         assert_eq!(page_size(&db), 8192);
         assert_eq!(SqliteConfig::default().page_size, 16384);
