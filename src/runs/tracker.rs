@@ -978,13 +978,21 @@ mod tests {
         RunKey { process: "p".into(), run_id: run.into() }
     }
 
+    /// A tracker with `commit_linger: linger` over a memory store, a
+    /// runtime to submit from, and its metrics (commits are counted).
+    fn lingering(
+        linger: Duration,
+    ) -> (tokio::runtime::Runtime, TrackerHandle, Arc<AtomicBool>, std::thread::JoinHandle<()>, Arc<SelfMetrics>) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let metrics = Arc::new(SelfMetrics::default());
+        let pipeline = PipelineConfig { commit_linger: linger, ..PipelineConfig::default() };
+        let (h, sd, j) = start_with(Arc::new(MemStore::default()), pipeline, metrics.clone());
+        (rt, h, sd, j, metrics)
+    }
+
     #[test]
     fn commit_linger_groups_the_batch_that_arrives_while_the_first_waits_and_commits_then() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let store = Arc::new(MemStore::default());
-        let metrics = Arc::new(SelfMetrics::default());
-        let pipeline = PipelineConfig { commit_linger: Duration::from_secs(2), ..PipelineConfig::default() };
-        let (h, sd, j) = start_with(store, pipeline, metrics.clone());
+        let (rt, h, sd, j, metrics) = lingering(Duration::from_secs(2));
         let t0 = crate::now_ns();
         let started = Instant::now();
         let (a, b) = rt.block_on(async {
@@ -1009,11 +1017,7 @@ mod tests {
 
     #[test]
     fn commit_linger_keeps_the_commit_open_for_senders_at_a_steady_pace() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let store = Arc::new(MemStore::default());
-        let metrics = Arc::new(SelfMetrics::default());
-        let pipeline = PipelineConfig { commit_linger: Duration::from_secs(1), ..PipelineConfig::default() };
-        let (h, sd, j) = start_with(store, pipeline, metrics.clone());
+        let (rt, h, sd, j, metrics) = lingering(Duration::from_secs(1));
         let t0 = crate::now_ns();
         const N: u64 = 24;
         let stored = rt.block_on(async {
