@@ -238,9 +238,6 @@ pub struct Tracker {
 /// The most drafts whose slots are kept between commits (a few hundred KiB).
 const SPARE_DRAFTS: usize = 4096;
 
-/// The time a signal is de-duplicated by, the same in every retry: its
-/// earliest row time, which is what storage keeps as the signal's time
-/// (`SignalRecord::first_time_ns`: the signal row at its start, facts at its end).
 /// How often the tracker's busy share is handed to group commit.
 const LOAD_SPAN: Duration = Duration::from_millis(250);
 
@@ -277,6 +274,9 @@ fn gather(
     }
 }
 
+/// The time a signal is de-duplicated by, the same in every retry: its
+/// earliest row time, which is what storage keeps as the signal's time
+/// (`SignalRecord::first_time_ns`: the signal row at its start, facts at its end).
 fn signal_time(s: &Signal) -> i64 {
     if s.facts.is_empty() {
         s.start_ns
