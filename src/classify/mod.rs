@@ -579,7 +579,6 @@ pub fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-/// Truncates at a char boundary.
 /// [`truncate`] of an owned string, in place (no second allocation).
 fn truncated(mut s: String, max: usize) -> String {
     let end = truncate(&s, max).len();
@@ -587,6 +586,7 @@ fn truncated(mut s: String, max: usize) -> String {
     s
 }
 
+/// Truncates at a char boundary.
 pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
