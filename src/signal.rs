@@ -95,11 +95,47 @@ pub struct Signal {
     /// Log body or span status message, shown on the run's timeline.
     pub text: String,
     pub service: String,
-    pub attributes: Vec<(String, String)>,
+    pub attributes: Attributes,
     /// Shared by the signals of one resource (a request's spans mostly have
     /// one): made once per resource, not once per signal.
     pub resource: Arc<[(String, String)]>,
     pub facts: Vec<Fact>,
+}
+
+/// A record's attributes as they are stored: a JSON object of strings, keys
+/// sorted, the last of a repeated key winning. Built once by the classifier,
+/// straight from the protobuf values: as a list of owned `(key, value)`
+/// strings it was ~20 allocations per business signal, freed on another
+/// thread, only to be turned into this text by the tracker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attributes(String);
+
+impl Attributes {
+    /// From JSON the classifier wrote (see [`crate::storage::record::write_object`]).
+    pub(crate) fn from_json(json: String) -> Attributes {
+        Attributes(json)
+    }
+
+    /// From string pairs (API events, tests).
+    pub fn from_pairs(pairs: &[(String, String)]) -> Attributes {
+        Attributes(crate::storage::record::json_object(pairs))
+    }
+
+    pub fn json(&self) -> &str {
+        &self.0
+    }
+
+    /// One attribute's value. Parses the JSON: only user-defined metrics
+    /// that read attributes ask, never the ingest path.
+    pub fn get(&self, key: &str) -> Option<String> {
+        serde_json::from_str::<std::collections::BTreeMap<String, String>>(&self.0).ok()?.remove(key)
+    }
+}
+
+impl Default for Attributes {
+    fn default() -> Self {
+        Attributes("{}".to_string())
+    }
 }
 
 impl Signal {

@@ -26,7 +26,7 @@ fn signal(id: u128, run: &str, t: i64, ok: f64) -> Signal {
         time_ns: t,
         text: "batch".into(),
         service: "importer".into(),
-        attributes: vec![],
+        attributes: Default::default(),
         resource: vec![].into(),
         facts: vec![Fact::Records { outcome: "ok".into(), count: ok }],
     }

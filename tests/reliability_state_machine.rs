@@ -52,7 +52,7 @@ fn build(specs: Vec<(i64, i64, Vec<Fact>, u8)>) -> Vec<Signal> {
             time_ns: T0 + t + dur,
             text: String::new(),
             service: format!("svc-{svc}"),
-            attributes: vec![],
+            attributes: Default::default(),
             resource: vec![].into(),
             facts,
         })

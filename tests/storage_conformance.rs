@@ -5,7 +5,7 @@
 mod common;
 
 use bizsignal::runs::run::{ProcessRun, RunStatus, Violation};
-use bizsignal::signal::{Fact, LifecycleStatus, RunKey, Signal, SignalKind};
+use bizsignal::signal::{Attributes, Fact, LifecycleStatus, RunKey, Signal, SignalKind};
 use bizsignal::storage::clickhouse::ClickHouseStore;
 use bizsignal::storage::sqlite::SqliteStore;
 use bizsignal::storage::{RunQuery, Store, WriteBatch};
@@ -33,7 +33,7 @@ fn sig(id: u128, process: &str, run_id: Option<&str>, trace: &str, t: i64, facts
         time_ns: if id % 2 == 0 { t + 2 * S } else { t },
         text: format!("text {id}"),
         service: format!("svc-{}", id % 3),
-        attributes: vec![("a".into(), format!("{id}")), ("k".into(), "v".into())],
+        attributes: Attributes::from_pairs(&[("a".into(), format!("{id}")), ("k".into(), "v".into())]),
         resource: vec![("service.name".into(), format!("svc-{}", id % 3))].into(),
         facts,
     }

@@ -157,7 +157,7 @@ impl EventsIntake {
             time_ns: time,
             text: e.note.clone().unwrap_or_default(),
             service: e.service.unwrap_or_else(|| "api".into()),
-            attributes: Vec::new(),
+            attributes: Default::default(),
             resource: Vec::new().into(),
             facts,
         })

@@ -8,7 +8,8 @@
 pub mod rules;
 
 use crate::config::Limits;
-use crate::signal::{Fact, LifecycleStatus, Signal, SignalKind};
+use crate::signal::{Attributes, Fact, LifecycleStatus, Signal, SignalKind};
+use crate::storage::record::json_str;
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -355,7 +356,7 @@ impl Classifier {
             time_ns: end,
             text: truncate(&text, max_v).to_string(),
             service: view.service.to_string(),
-            attributes: flatten(view.attributes),
+            attributes: attributes_json(view.attributes, self.limits.max_name_length, max_v),
             resource: resource.flat.get_or_init(|| flatten(resource.attributes).into()).clone(),
             facts: draft.facts,
         }
@@ -579,6 +580,31 @@ pub fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
+/// A record's attributes as stored (see [`Attributes`]): keys longer than
+/// `max_key` left out, values as [`any_to_string`] makes them, cut to `max_value` bytes.
+fn attributes_json(kvs: &[KeyValue], max_key: usize, max_value: usize) -> Attributes {
+    let order = (0..kvs.len()).filter(|&i| kvs[i].key.len() <= max_key).collect();
+    let capacity = 2 + kvs.iter().map(|kv| kv.key.len() + 24).sum::<usize>();
+    let json = crate::storage::record::write_object(
+        order,
+        |i| &kvs[i].key,
+        |out, i| match kvs[i].value.as_ref().and_then(|v| v.value.as_ref()) {
+            // The common values without a `String` of their own.
+            Some(Value::StringValue(s)) => json_str(out, truncate(s, max_value)),
+            // An i64 has at most 20 characters.
+            Some(Value::IntValue(n)) if max_value >= 20 => {
+                out.push(b'"');
+                serde_json::to_writer(&mut *out, n).expect("an integer serializes");
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"\"\""),
+            Some(_) => json_str(out, truncate(&any_to_string(kvs[i].value.as_ref().expect("matched")), max_value)),
+        },
+        capacity,
+    );
+    Attributes::from_json(json)
+}
+
 /// [`truncate`] of an owned string, in place (no second allocation).
 fn truncated(mut s: String, max: usize) -> String {
     let end = truncate(&s, max).len();
@@ -674,6 +700,48 @@ pub(crate) mod tests {
         assert!(!Arc::ptr_eq(&a.resource, &other.resource));
         assert_eq!(&*a.resource, &[("service.name".to_string(), "bil".to_string())]);
         assert_eq!(&*other.resource, &[("service.name".to_string(), "led".to_string())]);
-        assert_eq!(a.attributes.iter().find(|(k, _)| k == "note").map(|(_, v)| v.as_str()), Some("é"));
+        assert_eq!(a.attributes.get("note").as_deref(), Some("é"));
+    }
+
+    #[test]
+    fn attributes_are_written_as_the_json_of_their_string_forms() {
+        use opentelemetry_proto::tonic::common::v1::{ArrayValue, KeyValueList};
+        let any = |k: &str, v: Value| KeyValue {
+            key: k.into(),
+            value: Some(AnyValue { value: Some(v) }),
+            ..Default::default()
+        };
+        let kvs = vec![
+            any("s", Value::StringValue("a \"quoted\"\nline é".into())),
+            any("i", Value::IntValue(-9_223_372_036_854_775_808)),
+            any("d", Value::DoubleValue(1e21)),
+            any("b", Value::BoolValue(true)),
+            any("x", Value::BytesValue(vec![0xab, 0x01])),
+            any("arr", Value::ArrayValue(ArrayValue { values: vec![AnyValue { value: Some(Value::IntValue(1)) }] })),
+            any("map", Value::KvlistValue(KeyValueList { values: vec![kv("k", "v")] })),
+            KeyValue { key: "none".into(), value: None, ..Default::default() },
+            any("s", Value::StringValue("the later one wins".into())),
+            any(&"k".repeat(300), Value::StringValue("key too long".into())),
+        ];
+        // The old way: owned pairs, then the JSON of a map of them.
+        let expected = |max_key: usize, max_value: usize| {
+            let map: std::collections::BTreeMap<String, String> = kvs
+                .iter()
+                .filter(|kv| kv.key.len() <= max_key)
+                .map(|kv| {
+                    (kv.key.clone(), truncated(kv.value.as_ref().map(any_to_string).unwrap_or_default(), max_value))
+                })
+                .collect();
+            serde_json::to_string(&map).unwrap()
+        };
+        for (max_key, max_value) in [(256, 4096), (256, 7), (1000, 3), (1, 4096)] {
+            let got = attributes_json(&kvs, max_key, max_value);
+            assert_eq!(got.json(), expected(max_key, max_value), "limits {max_key}/{max_value}");
+        }
+        let all = attributes_json(&kvs, 256, 4096);
+        assert_eq!(all.get("s").as_deref(), Some("the later one wins"));
+        assert_eq!(all.get("i").as_deref(), Some("-9223372036854775808"));
+        assert_eq!(all.get("none").as_deref(), Some(""));
+        assert_eq!(all.get("missing"), None);
     }
 }

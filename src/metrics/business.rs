@@ -526,7 +526,7 @@ mod tests {
             time_ns: 1,
             text: String::new(),
             service: "svc".into(),
-            attributes: vec![],
+            attributes: Default::default(),
             resource: vec![].into(),
             facts: records.iter().map(|(o, n)| Fact::Records { outcome: o.to_string(), count: *n }).collect(),
         }

@@ -210,14 +210,9 @@ impl UserMetric {
                 Fact::Value { name, value } if name == n => Some(*value),
                 _ => None,
             })),
-            Source::Attribute(k) => values.extend(
-                s.attributes
-                    .iter()
-                    .chain(s.resource.iter())
-                    .find(|(key, _)| key == k)
-                    .and_then(|(_, v)| v.trim().parse::<f64>().ok())
-                    .filter(|v| v.is_finite()),
-            ),
+            Source::Attribute(k) => {
+                values.extend(attribute(s, k).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite()))
+            }
         }
         if values.is_empty() {
             return;
@@ -225,8 +220,8 @@ impl UserMetric {
         let mut attrs = Vec::with_capacity(self.dimensions.len() + 1);
         attrs.push(KeyValue::new(PROCESS, s.process.clone()));
         for d in &self.dimensions {
-            if let Some((_, v)) = s.attributes.iter().chain(s.resource.iter()).find(|(k, _)| k == d) {
-                attrs.push(KeyValue::new(d.clone(), v.clone()));
+            if let Some(v) = attribute(s, d) {
+                attrs.push(KeyValue::new(d.clone(), v));
             }
         }
         let attrs = self.budget.admit(&attrs);
@@ -239,5 +234,40 @@ impl UserMetric {
                 Instrument::Gauge(g) => g.record(v, attrs),
             }
         }
+    }
+}
+
+/// An attribute of the record, or else of its resource (as the source and
+/// dimensions are documented to look them up).
+fn attribute(s: &Signal, key: &str) -> Option<String> {
+    s.attributes.get(key).or_else(|| s.resource.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::{Attributes, SignalKind};
+
+    #[test]
+    fn an_attribute_is_read_from_the_record_then_from_its_resource() {
+        let s = Signal {
+            id: 1,
+            kind: SignalKind::Span,
+            process: "p".into(),
+            run_id: None,
+            trace_id: String::new(),
+            span_id: String::new(),
+            name: String::new(),
+            start_ns: 0,
+            time_ns: 0,
+            text: String::new(),
+            service: String::new(),
+            attributes: Attributes::from_pairs(&[("tier".into(), "gold".into()), ("size".into(), " 12 ".into())]),
+            resource: vec![("tier".into(), "resource".into()), ("region".into(), "eu".into())].into(),
+            facts: Vec::new(),
+        };
+        assert_eq!(attribute(&s, "tier").as_deref(), Some("gold"));
+        assert_eq!(attribute(&s, "region").as_deref(), Some("eu"));
+        assert_eq!(attribute(&s, "missing"), None);
     }
 }

@@ -954,7 +954,7 @@ mod tests {
             time_ns: t0 + 2_000 + id as i64,
             text: String::new(),
             service: "svc".into(),
-            attributes: vec![],
+            attributes: Default::default(),
             resource: vec![].into(),
             facts: vec![Fact::Records { outcome: "ok".into(), count: n }],
         }

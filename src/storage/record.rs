@@ -159,7 +159,7 @@ impl SignalRecord {
             service: s.service.clone(),
             trace_id: s.trace_id.clone(),
             span_id: s.span_id.clone(),
-            attributes: json_object(&s.attributes),
+            attributes: s.attributes.json().to_string(),
             resource: memo.get_or_make(&s.resource, |pairs| json_object(pairs).into()),
             rows: w.finish(),
         }
@@ -312,25 +312,37 @@ pub type ResourceMemo = LastShared<[(String, String)], Arc<str>>;
 /// winning: byte for byte what serde_json makes of the pairs collected into a
 /// `BTreeMap`, without building the map (this ran for every stored signal).
 pub fn json_object(pairs: &[(String, String)]) -> String {
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    let capacity = 2 + pairs.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>();
+    write_object((0..pairs.len()).collect(), |i| &pairs[i].0, |out, i| json_str(out, &pairs[i].1), capacity)
+}
+
+/// [`json_object`] of the pairs `order` picks out, each value written by
+/// `value` (a JSON string), so the classifier can write protobuf attributes
+/// without owned copies of them first.
+pub fn write_object<'k>(
+    mut order: Vec<usize>,
+    key: impl Fn(usize) -> &'k str,
+    mut value: impl FnMut(&mut Vec<u8>, usize),
+    capacity: usize,
+) -> String {
     // Equal keys: the later pair first, so `dedup_by` keeps it.
-    order.sort_unstable_by(|&a, &b| pairs[a].0.cmp(&pairs[b].0).then(b.cmp(&a)));
-    order.dedup_by(|a, b| pairs[*a].0 == pairs[*b].0);
-    let mut out = Vec::with_capacity(2 + pairs.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>());
+    order.sort_unstable_by(|&a, &b| key(a).cmp(key(b)).then(b.cmp(&a)));
+    order.dedup_by(|a, b| key(*a) == key(*b));
+    let mut out = Vec::with_capacity(capacity);
     out.push(b'{');
     for (n, &i) in order.iter().enumerate() {
         if n > 0 {
             out.push(b',');
         }
-        json_str(&mut out, &pairs[i].0);
+        json_str(&mut out, key(i));
         out.push(b':');
-        json_str(&mut out, &pairs[i].1);
+        value(&mut out, i);
     }
     out.push(b'}');
     String::from_utf8(out).expect("JSON of &strs is UTF-8")
 }
 
-fn json_str(out: &mut Vec<u8>, s: &str) {
+pub fn json_str(out: &mut Vec<u8>, s: &str) {
     // serde_json escapes exactly these; anything else is copied as is.
     if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
         serde_json::to_writer(&mut *out, s).expect("a string serializes");
@@ -394,6 +406,7 @@ pub fn group(events: &[BusinessEvent]) -> Vec<SignalRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signal::Attributes;
 
     fn ev(signal: &str, seq: u32, kind: &str, attrs: &str) -> BusinessEvent {
         BusinessEvent {
@@ -447,7 +460,10 @@ mod tests {
             time_ns: 1_700_000_000_250_000_000,
             text: text.into(),
             service: "svc".into(),
-            attributes: vec![("business.note".into(), "a \"quoted\"\nline".into()), ("k".into(), "日本".into())],
+            attributes: Attributes::from_pairs(&[
+                ("business.note".into(), "a \"quoted\"\nline".into()),
+                ("k".into(), "日本".into()),
+            ]),
             resource: vec![("service.name".into(), "svc".into())].into(),
             facts: vec![
                 Fact::Records { outcome: "imported".into(), count: 120.0 },

@@ -460,7 +460,10 @@ mod tests {
             time_ns: 20,
             text: "line\nbreak".into(),
             service: "billing".into(),
-            attributes: vec![("b.count".into(), "7".into()), ("a.note".into(), "é".into())],
+            attributes: crate::signal::Attributes::from_pairs(&[
+                ("b.count".into(), "7".into()),
+                ("a.note".into(), "é".into()),
+            ]),
             resource: resource.clone(),
             facts: vec![
                 Fact::Records { outcome: "imported".into(), count: 3.0 },
