@@ -7,6 +7,7 @@ use bizsignal::config::{Limits, MetricsConfig, PipelineConfig};
 use bizsignal::loadgen::{sample_request, Signal as Kind};
 use bizsignal::metrics::export::MetricsPipeline;
 use bizsignal::metrics::SelfMetrics;
+use bizsignal::receivers::lazy::LazyTraces;
 use bizsignal::runs::tracker::{Observer, Tracker, TrackerHandle};
 use bizsignal::signal::Signal;
 use bizsignal::storage::sqlite::SqliteStore;
@@ -20,8 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const BATCH: usize = 200;
-
-/// A store that accepts everything and keeps nothing: isolates the tracker.
 
 fn classifier() -> Classifier {
     Classifier::new(Limits::default(), &[]).unwrap()
@@ -43,6 +42,10 @@ fn decode_classify(c: &mut Criterion) {
         let (body, _) = sample_request(Kind::Traces, BATCH, ratio, 11);
         g.bench_function(format!("{name}/decode"), |b| {
             b.iter(|| ExportTraceServiceRequest::decode(body.as_slice()).unwrap())
+        });
+        // What the receivers do: spans without a `business.*` key stay undecoded.
+        g.bench_function(format!("{name}/lazy decode"), |b| {
+            b.iter(|| LazyTraces::decode(bytes::Bytes::from(body.clone())).unwrap().expand(false).unwrap())
         });
         g.bench_function(format!("{name}/decode+classify"), |b| {
             b.iter(|| {
