@@ -115,14 +115,28 @@ impl SpoolBatch {
     /// writes one record per tracker commit; a fresh buffer per commit was
     /// a large allocation and its page faults every time).
     pub fn encode_into(b: &WriteBatch, buf: &mut Vec<u8>) {
-        Self::encode_with_states(b, &b.runs, buf)
+        Self::encode_parts(b, buf, |buf| json(buf, &b.runs))
     }
 
-    /// Like [`encode_into`](Self::encode_into) with the runs' states given
-    /// (each serialized `b.runs[i]`), so a store that keeps the state JSON
-    /// serializes each run once.
-    pub fn encode_with_states<R: Serialize>(b: &WriteBatch, states: &[R], buf: &mut Vec<u8>) {
+    /// Like [`encode_into`](Self::encode_into) with each run's state JSON
+    /// given (`states[i]` is `b.runs[i]` serialized), so a store that keeps
+    /// the state JSON serializes each run once.
+    pub fn encode_with_states(b: &WriteBatch, states: &[String], buf: &mut Vec<u8>) {
         debug_assert_eq!(states.len(), b.runs.len());
+        Self::encode_parts(b, buf, |buf| {
+            buf.push(b'[');
+            for (i, state) in states.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                buf.extend_from_slice(state.as_bytes());
+            }
+            buf.push(b']');
+        })
+    }
+
+    /// The record with the `runs` array written by `runs`.
+    fn encode_parts(b: &WriteBatch, buf: &mut Vec<u8>, runs: impl FnOnce(&mut Vec<u8>)) {
         buf.clear();
         // By hand around the signals: each embeds its JSON fields as they
         // are (`SignalRecord::write_json`); the rest through serde.
@@ -136,7 +150,7 @@ impl SpoolBatch {
             s.write_json(buf);
         }
         buf.extend_from_slice(b"],\"runs\":");
-        json(buf, states);
+        runs(buf);
         buf.extend_from_slice(b",\"merges\":");
         json(buf, &b.merges);
         buf.extend_from_slice(b",\"aliases\":");
@@ -504,6 +518,15 @@ mod tests {
         let r = &raw.runs[0];
         assert_eq!((r.process.as_str(), r.run_id.as_str(), r.status), ("import", "r\"1", RunStatus::Stalled));
         assert_eq!(r.json.get(), serde_json::to_string(&run).unwrap(), "the state as the writer used to re-make it");
+        // The SQLite store journals the state JSON it already made.
+        let mut other = ProcessRun::new(&RunKey { process: "import".into(), run_id: "r2".into() }, 6);
+        other.signal_count = 9;
+        let b = WriteBatch { runs: vec![Arc::new(run.clone()), Arc::new(other.clone())], ..Default::default() };
+        let states: Vec<String> = b.runs.iter().map(|r| serde_json::to_string(&**r).unwrap()).collect();
+        let mut buf = Vec::new();
+        SpoolBatch::encode_with_states(&b, &states, &mut buf);
+        let decoded = SpoolBatch::decode(&buf).unwrap();
+        assert_eq!(decoded.runs.iter().map(|r| (**r).clone()).collect::<Vec<_>>(), vec![run.clone(), other]);
         assert!(
             SpoolBatch::<RunStateJson>::decode_as(
                 br#"{"written_ns":1,"runs":[{"process":"p"}],"merges":[],"aliases":[],"process_violations":[]}"#
