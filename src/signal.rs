@@ -128,7 +128,12 @@ impl Attributes {
     /// One attribute's value. Parses the JSON: only user-defined metrics
     /// that read attributes ask, never the ingest path.
     pub fn get(&self, key: &str) -> Option<String> {
-        serde_json::from_str::<std::collections::BTreeMap<String, String>>(&self.0).ok()?.remove(key)
+        self.to_map().remove(key)
+    }
+
+    /// All of them, parsed from the JSON (empty if it were not an object of strings).
+    pub fn to_map(&self) -> std::collections::BTreeMap<String, String> {
+        serde_json::from_str(&self.0).unwrap_or_default()
     }
 }
 

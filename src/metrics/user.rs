@@ -9,7 +9,7 @@ use crate::config::{InstrumentKind, MetricsConfig, UserMetricConfig};
 use crate::signal::{Fact, Signal};
 use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 use opentelemetry::KeyValue;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 const RECORDS: &str = "business.records.";
@@ -201,6 +201,7 @@ impl UserMetric {
             return;
         }
         let mut values = Vec::new();
+        let mut attrs = Lookup { s, record: None };
         match &self.source {
             Source::Records(o) => values.extend(s.facts.iter().filter_map(|f| match f {
                 Fact::Records { outcome, count } if outcome == o => Some(*count),
@@ -211,20 +212,20 @@ impl UserMetric {
                 _ => None,
             })),
             Source::Attribute(k) => {
-                values.extend(attribute(s, k).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite()))
+                values.extend(attrs.get(k).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite()))
             }
         }
         if values.is_empty() {
             return;
         }
-        let mut attrs = Vec::with_capacity(self.dimensions.len() + 1);
-        attrs.push(KeyValue::new(PROCESS, s.process.clone()));
+        let mut labels = Vec::with_capacity(self.dimensions.len() + 1);
+        labels.push(KeyValue::new(PROCESS, s.process.clone()));
         for d in &self.dimensions {
-            if let Some(v) = attribute(s, d) {
-                attrs.push(KeyValue::new(d.clone(), v));
+            if let Some(v) = attrs.get(d) {
+                labels.push(KeyValue::new(d.clone(), v));
             }
         }
-        let attrs = self.budget.admit(&attrs);
+        let attrs = self.budget.admit(&labels);
         for v in values {
             match &self.instrument {
                 // Counters are monotonic: negative values are skipped.
@@ -237,10 +238,21 @@ impl UserMetric {
     }
 }
 
-/// An attribute of the record, or else of its resource (as the source and
-/// dimensions are documented to look them up).
-fn attribute(s: &Signal, key: &str) -> Option<String> {
-    s.attributes.get(key).or_else(|| s.resource.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()))
+/// A signal's attributes for one metric's lookups: the record's JSON is
+/// parsed at the first lookup and kept for the others (a source and its
+/// dimensions would otherwise parse it once each).
+struct Lookup<'a> {
+    s: &'a Signal,
+    record: Option<BTreeMap<String, String>>,
+}
+
+impl Lookup<'_> {
+    /// An attribute of the record, or else of its resource (as the source and
+    /// dimensions are documented to look them up).
+    fn get(&mut self, key: &str) -> Option<String> {
+        let record = self.record.get_or_insert_with(|| self.s.attributes.to_map());
+        record.get(key).cloned().or_else(|| self.s.resource.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()))
+    }
 }
 
 #[cfg(test)]
@@ -266,8 +278,11 @@ mod tests {
             resource: vec![("tier".into(), "resource".into()), ("region".into(), "eu".into())].into(),
             facts: Vec::new(),
         };
-        assert_eq!(attribute(&s, "tier").as_deref(), Some("gold"));
-        assert_eq!(attribute(&s, "region").as_deref(), Some("eu"));
-        assert_eq!(attribute(&s, "missing"), None);
+        let mut attrs = Lookup { s: &s, record: None };
+        assert_eq!(attrs.get("tier").as_deref(), Some("gold"));
+        // Parsed once, kept for the metric's other lookups.
+        assert_eq!(attrs.record.as_ref().map(BTreeMap::len), Some(2));
+        assert_eq!(attrs.get("region").as_deref(), Some("eu"));
+        assert_eq!(attrs.get("missing"), None);
     }
 }
