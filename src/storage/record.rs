@@ -231,9 +231,10 @@ impl SignalRecord {
     }
 }
 
-/// About the length of a signal's rows JSON: ≈ 80 bytes of id, time, value
-/// and punctuation per row, plus its strings. (64 bytes a row undershot, and
-/// growing the buffer was ≈ 1.5 % of the server's CPU under mixed load.)
+/// Room for a signal's rows JSON: its strings, plus 96 bytes a row for the
+/// id, time, value and punctuation (≈ 80 in practice; a long value fits).
+/// 64 bytes a row undershot, and growing the buffer was ≈ 1.5 % of the
+/// server's CPU under mixed load.
 fn rows_capacity(s: &Signal) -> usize {
     let strings: usize = s
         .facts
