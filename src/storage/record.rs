@@ -360,6 +360,7 @@ pub fn write_object<'k>(
     String::from_utf8(out).expect("JSON of &strs is UTF-8")
 }
 
+/// Appends `s` as a JSON string, byte for byte as serde_json writes it.
 pub fn json_str(out: &mut Vec<u8>, s: &str) {
     // serde_json escapes exactly these; anything else is copied as is.
     if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
