@@ -125,13 +125,9 @@ impl Attributes {
         &self.0
     }
 
-    /// One attribute's value. Parses the JSON: only user-defined metrics
-    /// that read attributes ask, never the ingest path.
-    pub fn get(&self, key: &str) -> Option<String> {
-        self.to_map().remove(key)
-    }
-
-    /// All of them, parsed from the JSON (empty if it were not an object of strings).
+    /// The attributes parsed from the JSON (empty if it were not an object
+    /// of strings). Only user-defined metrics that read attributes ask,
+    /// once per signal; never the ingest path.
     pub fn to_map(&self) -> std::collections::BTreeMap<String, String> {
         serde_json::from_str(&self.0).unwrap_or_default()
     }
