@@ -556,7 +556,7 @@ pub async fn run(o: &LoadgenOptions) -> anyhow::Result<Report> {
     // Sequence numbers start at the current time in microseconds (mod 2^39,
     // the bits a span id has for them): a later run against the same server
     // never reuses an earlier run's span ids, so nothing is a duplicate.
-    let seq = Arc::new(AtomicU64::new(((crate::now_ns() as u64) / 1000 & 0x7F_FFFF_FFFF).max(1)));
+    let seq = Arc::new(AtomicU64::new((((crate::now_ns() as u64) / 1000) & 0x7F_FFFF_FFFF).max(1)));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let start = Instant::now();
     let deadline = start + duration;

@@ -23,14 +23,14 @@ const S: i64 = 1_000_000_000;
 fn sig(id: u128, process: &str, run_id: Option<&str>, trace: &str, t: i64, facts: Vec<Fact>) -> Signal {
     Signal {
         id,
-        kind: if id % 2 == 0 { SignalKind::Span } else { SignalKind::Log },
+        kind: if id.is_multiple_of(2) { SignalKind::Span } else { SignalKind::Log },
         process: process.into(),
         run_id: run_id.map(str::to_string),
         trace_id: trace.into(),
         span_id: format!("{:016x}", id),
         name: format!("step-{id}"),
         start_ns: t,
-        time_ns: if id % 2 == 0 { t + 2 * S } else { t },
+        time_ns: if id.is_multiple_of(2) { t + 2 * S } else { t },
         text: format!("text {id}"),
         service: format!("svc-{}", id % 3),
         attributes: Attributes::from_pairs(&[("a".into(), format!("{id}")), ("k".into(), "v".into())]),

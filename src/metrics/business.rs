@@ -291,16 +291,13 @@ impl Observer for BusinessMetrics {
         for m in &merged {
             let target =
                 live.iter().position(|c| c.after.process == m.process && c.after.trace_ids.contains(m.run_id.as_str()));
-            match target {
-                Some(i) => {
-                    absorbed[i].push(m);
-                    if live[i].before.is_none() && continues[i].is_none() {
-                        // The new named run continues the merged run: not a new start.
-                        continues[i] = Some(m);
-                        continue;
-                    }
+            if let Some(i) = target {
+                absorbed[i].push(m);
+                if live[i].before.is_none() && continues[i].is_none() {
+                    // The new named run continues the merged run: not a new start.
+                    continues[i] = Some(m);
+                    continue;
                 }
-                None => {}
             }
             // The merged run's own lifecycle ends here without finishing.
             self.status_delta(&m.process, Some(m.status), None);

@@ -132,7 +132,7 @@ impl Kind for Traces {
             let expanded =
                 request.into_inner().expand(r.intake.classifier.has_rules()).map_err(Status::invalid_argument)?;
             let accepted = r.intake.expanded_traces(expanded).await.map_err(|e| r.status(e))?;
-            let partial_success = (accepted.rejected > 0).then(|| ExportTracePartialSuccess {
+            let partial_success = (accepted.rejected > 0).then_some(ExportTracePartialSuccess {
                 rejected_spans: accepted.rejected,
                 error_message: accepted.message,
             });
@@ -151,7 +151,7 @@ impl Kind for Logs {
             let expanded =
                 request.into_inner().expand(r.intake.classifier.has_rules()).map_err(Status::invalid_argument)?;
             let accepted = r.intake.expanded_logs(expanded).await.map_err(|e| r.status(e))?;
-            let partial_success = (accepted.rejected > 0).then(|| ExportLogsPartialSuccess {
+            let partial_success = (accepted.rejected > 0).then_some(ExportLogsPartialSuccess {
                 rejected_log_records: accepted.rejected,
                 error_message: accepted.message,
             });

@@ -415,7 +415,7 @@ mod tests {
             enc.write_all(&zeros).unwrap();
         }
         let bomb = enc.finish().unwrap();
-        let err = inflate_limited(&bomb, 1 << 20).err().expect("refused");
+        let err = inflate_limited(&bomb, 1 << 20).expect_err("refused");
         assert!(err.too_large);
     }
 }

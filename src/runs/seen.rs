@@ -268,7 +268,7 @@ mod tests {
         for i in 0..20_000u32 {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             // Every third id repeats an earlier one.
-            let id = if i % 3 == 0 { (x % 5000) as u128 } else { x >> 7 };
+            let id = if i % 3 == 0 { x % 5000 } else { x >> 7 };
             assert_eq!(s.insert(id), h.insert(id), "insert {id}");
             if i % 97 == 0 {
                 assert!(s.contains(id));

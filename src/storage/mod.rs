@@ -97,7 +97,7 @@ impl RunCursor {
     }
 
     pub fn decode(s: &str) -> Option<RunCursor> {
-        if s.len() % 2 != 0 || s.len() > 4096 {
+        if !s.len().is_multiple_of(2) || s.len() > 4096 {
             return None;
         }
         let bytes = (0..s.len())

@@ -300,7 +300,7 @@ impl SqliteStore {
             commit_interval: cfg.commit_interval,
             metrics,
         });
-        if replay > 0 || shared.journal.len() > 0 {
+        if replay > 0 || !shared.journal.is_empty() {
             let started = std::time::Instant::now();
             match shared.flush() {
                 Ok(()) => tracing::info!(

@@ -499,21 +499,20 @@ impl ClickHouseStore {
             for x in by_run.remove(&(key.process.clone(), key.run_id.clone())).unwrap_or_default() {
                 let smp = Sample { at_ns: x.t, value: x.v, tie: x.event_id.as_str().into() };
                 match x.kind.as_str() {
-                    "value" => {
+                    "value"
                         if run
                             .values
                             .get(x.name.as_str())
-                            .is_none_or(|cur| (smp.at_ns, &smp.tie) > (cur.at_ns, &cur.tie))
-                        {
-                            run.values.insert(x.name.as_str().into(), smp);
-                        }
+                            .is_none_or(|cur| (smp.at_ns, &smp.tie) > (cur.at_ns, &cur.tie)) =>
+                    {
+                        run.values.insert(x.name.as_str().into(), smp);
                     }
                     "note" => run.notes.push(Note { at_ns: x.t, text: x.text.into() }),
                     "payload" => run.payloads.push(Payload { at_ns: x.t, json: x.payload.into() }),
-                    "progress" => {
-                        if run.progress_first.as_ref().is_none_or(|f| (smp.at_ns, &smp.tie) < (f.at_ns, &f.tie)) {
-                            run.progress_first = Some(smp);
-                        }
+                    "progress"
+                        if run.progress_first.as_ref().is_none_or(|f| (smp.at_ns, &smp.tie) < (f.at_ns, &f.tie)) =>
+                    {
+                        run.progress_first = Some(smp);
                     }
                     _ => {}
                 }
